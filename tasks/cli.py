@@ -1,0 +1,73 @@
+"""The command line every stage shares: `python -m tasks.<stage> --config NAME --run-dir DIR [--set k=v]`.
+
+The DAG builds exactly this argv for the local runner and for the Kubernetes pod, so a stage behaves
+the same whichever runs it, and a person can rerun one stage by hand with the argv from the task log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tasks.config import Config, ConfigError, load_config, parse_overrides
+
+log = logging.getLogger("gemma_pipeline")
+
+# Where a KubernetesPodOperator's XCom sidecar reads a pod's result from.
+XCOM_RETURN = Path("/airflow/xcom/return.json")
+
+
+def setup_logging() -> None:
+    log.setLevel(logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+
+
+def stage_argv(stage: str, config: str, run_dir: str, overrides: dict | None = None) -> list[str]:
+    """The argv after `python -m tasks.<stage>`; overrides in a stable order."""
+    argv = ["--config", config, "--run-dir", str(run_dir)]
+    for key in sorted(overrides or {}):
+        value = overrides[key]
+        text = json.dumps(value) if isinstance(value, bool) else str(value)
+        argv += ["--set", f"{key}={text}"]
+    return argv
+
+
+def stage_main(
+    stage: str,
+    doc: str | None,
+    run: Callable[[Config, Path, bool], dict],
+    argv: Sequence[str] | None = None,
+) -> dict:
+    ap = argparse.ArgumentParser(
+        prog=f"python -m tasks.{stage}",
+        description=(doc or "").strip().split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", required=True, help="config name in tasks/configs (e.g. cpu_demo) or a .yaml path")
+    ap.add_argument("--run-dir", required=True, type=Path, help="the run directory shared by all stages")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)"
+    )
+    ap.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as e:
+        ap.exit(2, f"python -m tasks.{stage}: error: {e}\n")
+    log.info("stage %s: run dir %s, config %s", stage, args.run_dir, args.config)
+    result = run(cfg, args.run_dir, args.force)
+    if os.environ.get("GEMMA_WRITE_XCOM") == "1":
+        XCOM_RETURN.parent.mkdir(parents=True, exist_ok=True)
+        XCOM_RETURN.write_text(json.dumps(result))
+    print(json.dumps(result, sort_keys=True))
+    return result

@@ -1,0 +1,148 @@
+"""python -m tasks.generate --config cpu_demo --run-dir DIR [--set sampler=greedy]
+
+Stage 4: answer the fixed prompt suite with the base model and with the tuned model (the same base
+weights plus the LoRA adapter from `finetune`). Prompts use the training template's prompt half
+(`Instruction:\n{prompt}\n\nResponse:\n`), in batches of `generate_batch_size`, with the configured
+sampler and seed. For every answer it records the text, its token count, whether the model stopped
+at an end token or ran into `max_length`, and the time its batch took. Writes `answers.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tasks import storage
+from tasks.cli import stage_main
+from tasks.config import Config, fingerprint
+from tasks.preprocess import format_prompt
+from tasks.prompt_suite import load_suite
+
+log = logging.getLogger("gemma_pipeline")
+
+STAGE = "generate"
+CONFIG_KEYS = ("model_preset", "lora_rank", "prompt_suite", "max_length", "sampler", "top_k", "sampler_seed", "generate_batch_size")
+
+
+def make_sampler(cfg: Config):
+    import keras_hub
+
+    if cfg.sampler == "greedy":
+        return keras_hub.samplers.GreedySampler()
+    return keras_hub.samplers.TopKSampler(k=cfg.top_k, seed=cfg.sampler_seed)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.end_token_id]
+    # Gemma's chat turn end: a base model tuned on plain text never emits it, an instruct one does.
+    try:
+        eot = tokenizer.token_to_id("<end_of_turn>")
+        if eot not in (None, tokenizer.unk_token_id if hasattr(tokenizer, "unk_token_id") else None):
+            ids.append(int(eot))
+    except Exception:  # noqa: BLE001 - a vocabulary without the piece simply has no such stop token
+        pass
+    return sorted(set(ids))
+
+
+def answer(lm, prompts: list[dict], cfg: Config, label: str) -> list[dict]:
+    """Answers in suite order; stops and token counts read from the token ids, not the text."""
+    import keras
+    import numpy as np
+
+    pre = lm.preprocessor
+    tok = pre.tokenizer
+    stops = stop_token_ids(tok)
+    generate_fn = lm.make_generate_function()
+    results = []
+    done = 0
+    for start in range(0, len(prompts), cfg.generate_batch_size):
+        batch = prompts[start : start + cfg.generate_batch_size]
+        texts = [format_prompt(p["prompt"]) for p in batch]
+        # Pad a short last batch with copies: a new batch shape would retrace the generate function.
+        texts += texts[-1:] * (cfg.generate_batch_size - len(texts))
+        x = pre.generate_preprocess(texts, sequence_length=cfg.max_length)
+        prompt_len = keras.ops.convert_to_numpy(x["padding_mask"]).sum(axis=1)
+        t = time.time()
+        y = generate_fn(x, stop_token_ids=tuple(stops))
+        seconds = time.time() - t
+        ids = keras.ops.convert_to_numpy(y["token_ids"])
+        mask = keras.ops.convert_to_numpy(y["padding_mask"])
+        for i, p in enumerate(batch):
+            gen = ids[i, int(prompt_len[i]) : int(mask[i].sum())].tolist()
+            stopped = bool(gen) and gen[-1] in stops
+            if stopped:
+                gen = gen[:-1]
+            text = tok.detokenize(np.asarray(gen, dtype="int32")) if gen else ""
+            text = text.numpy().decode("utf-8", errors="replace") if hasattr(text, "numpy") else str(text)
+            results.append(
+                {
+                    "id": p["id"],
+                    "category": p["category"],
+                    "prompt": p["prompt"],
+                    "text": text,
+                    "tokens": len(gen),
+                    "stopped_at_eos": stopped,
+                    "hit_max_length": not stopped and int(prompt_len[i]) + len(gen) >= cfg.max_length,
+                    "batch_seconds": round(seconds, 3),
+                }
+            )
+        done += len(batch)
+        new_tokens = sum(r["tokens"] for r in results[-len(batch) :])
+        log.info(
+            "generate [%s]: %d/%d prompts, batch of %d in %.1f s (%.1f new tokens/s)",
+            label, done, len(prompts), len(batch), seconds, new_tokens / max(seconds, 1e-9),
+        )
+    return results
+
+
+def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    tune = storage.require(run_dir, "finetune", STAGE)
+    suite = load_suite(cfg.prompt_suite)
+
+    def body(out: Path) -> dict:
+        import keras
+
+        from tasks.models import load_causal_lm
+
+        adapter = storage.stage_dir(run_dir, "finetune") / "adapter.lora.h5"
+        keras.utils.set_random_seed(cfg.sampler_seed)
+        lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
+        lm.compile(sampler=make_sampler(cfg))
+        t = time.time()
+        base = answer(lm, suite["prompts"], cfg, "base")
+        base_s = time.time() - t
+        lm.backbone.enable_lora(rank=cfg.lora_rank)
+        lm.backbone.load_lora_weights(str(adapter))
+        # A fresh compile drops the generate function traced for the base weights' graph.
+        lm.compile(sampler=make_sampler(cfg))
+        t = time.time()
+        tuned = answer(lm, suite["prompts"], cfg, "tuned")
+        tuned_s = time.time() - t
+        data = {
+            "suite": {k: suite[k] for k in ("name", "description", "sha256", "path")},
+            "sampler": {"name": cfg.sampler, "top_k": cfg.top_k, "seed": cfg.sampler_seed, "max_length": cfg.max_length},
+            "models": {"base": base, "tuned": tuned},
+            "seconds": {"base": round(base_s, 2), "tuned": round(tuned_s, 2)},
+        }
+        storage.write_json(out / "answers.json", data)
+        del lm
+        keras.backend.clear_session()
+        return {
+            "suite": suite["name"],
+            "suite_sha256": suite["sha256"],
+            "prompts": len(suite["prompts"]),
+            "base_stopped_at_eos": sum(a["stopped_at_eos"] for a in base),
+            "tuned_stopped_at_eos": sum(a["stopped_at_eos"] for a in tuned),
+        }
+
+    fp = fingerprint(STAGE, tune["fingerprint"], suite["sha256"], cfg.subset(CONFIG_KEYS))
+    return storage.run_stage(run_dir, STAGE, fp, body, force)
+
+
+def main(argv=None) -> dict:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""python -m tasks.preprocess --config cpu_demo --run-dir DIR [--set num_examples=200]
+
+Stage 2: turn the snapshot into training and held-out examples. Drops rows that have a `context`
+(the seed's choice; `drop_context: false` keeps them), drops rows with an empty instruction or
+response and exact duplicates, applies the template `Instruction:\n{instruction}\n\nResponse:\n{response}`,
+draws a seeded held-out split (kept with its reference responses) and, disjoint from it, a seeded
+training subset. Token lengths are measured with the model's own tokenizer; the manifest records how
+many examples exceed the sequence length (they are truncated in training) and every drop by reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+from pathlib import Path
+
+from tasks import storage
+from tasks.cli import stage_main
+from tasks.config import Config, ConfigError, fingerprint
+
+log = logging.getLogger("gemma_pipeline")
+
+STAGE = "preprocess"
+TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
+PROMPT_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n"
+CONFIG_KEYS = ("drop_context", "num_examples", "heldout_examples", "subset_seed", "model_preset", "sequence_length")
+
+
+def format_example(instruction: str, response: str) -> str:
+    return TEMPLATE.format(instruction=instruction, response=response)
+
+
+def format_prompt(instruction: str) -> str:
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def filter_records(records: list[dict], drop_context: bool) -> tuple[list[dict], dict[str, int]]:
+    kept, dropped, seen = [], collections.Counter(), set()
+    for rec in records:
+        if drop_context and rec["context"].strip():
+            dropped["has_context"] += 1
+        elif not rec["instruction"].strip():
+            dropped["empty_instruction"] += 1
+        elif not rec["response"].strip():
+            dropped["empty_response"] += 1
+        elif rec["id"] in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(rec["id"])
+            kept.append(rec)
+    return kept, dict(sorted(dropped.items()))
+
+
+def split(records: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Held-out first, so the evaluation split does not move when num_examples changes."""
+    need = cfg.num_examples + cfg.heldout_examples
+    if len(records) < need:
+        raise ConfigError(
+            f"num_examples ({cfg.num_examples}) + heldout_examples ({cfg.heldout_examples}) = {need}, but only "
+            f"{len(records)} usable records remain after filtering; lower num_examples or use a bigger dataset_source"
+        )
+    order = list(range(len(records)))
+    random.Random(cfg.subset_seed).shuffle(order)
+    heldout = [records[i] for i in order[: cfg.heldout_examples]]
+    train = [records[i] for i in order[cfg.heldout_examples : need]]
+    return train, heldout
+
+
+def token_lengths(texts: list[str], tokenizer, batch: int = 512) -> list[int]:
+    """Tokens per example as the model sees them: text plus <bos> and <eos>."""
+    lengths = []
+    for start in range(0, len(texts), batch):
+        ids = tokenizer(texts[start : start + batch])
+        lengths += [len(x) + 2 for x in (ids.to_list() if hasattr(ids, "to_list") else ids)]
+    return lengths
+
+
+def length_stats(lengths: list[int], sequence_length: int) -> dict:
+    s = sorted(lengths)
+
+    def q(p: float) -> int:
+        return s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]
+
+    edges = [0, 32, 64, 128, 256, 512, 1024, 2048]
+    hist = collections.Counter()
+    for n in s:
+        lo = max(e for e in edges if e <= n)
+        hist[lo] += 1
+    return {
+        "count": len(s),
+        "min": s[0],
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "max": s[-1],
+        "mean": round(sum(s) / len(s), 1),
+        "over_sequence_length": sum(1 for n in s if n > sequence_length),
+        "histogram": [{"from": e, "count": hist.get(e, 0)} for e in edges],
+    }
+
+
+def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    snap = storage.require(run_dir, "snapshot", STAGE)
+
+    def body(out: Path) -> dict:
+        from tasks.models import load_tokenizer
+
+        records = storage.read_jsonl(storage.stage_dir(run_dir, "snapshot") / "records.jsonl")
+        kept, dropped = filter_records(records, cfg.drop_context)
+        train, heldout = split(kept, cfg)
+        log.info("preprocess: %d records, %d usable, dropped %s", len(records), len(kept), dropped)
+        tokenizer = load_tokenizer(cfg.model_preset, cfg.models_dir)
+        train_texts = [format_example(r["instruction"], r["response"]) for r in train]
+        train_len = token_lengths(train_texts, tokenizer)
+        held_texts = [format_example(r["instruction"], r["response"]) for r in heldout]
+        held_len = token_lengths(held_texts, tokenizer)
+        storage.write_jsonl(
+            out / "train.jsonl",
+            [
+                {"id": r["id"], "category": r["category"], "text": t, "n_tokens": n}
+                for r, t, n in zip(train, train_texts, train_len)
+            ],
+        )
+        storage.write_jsonl(
+            out / "heldout.jsonl",
+            [
+                {
+                    "id": r["id"],
+                    "category": r["category"],
+                    "instruction": r["instruction"],
+                    "response": r["response"],
+                    "prompt": format_prompt(r["instruction"]),
+                    "text": t,
+                    "n_tokens": n,
+                }
+                for r, t, n in zip(heldout, held_texts, held_len)
+            ],
+        )
+        stats = length_stats(train_len, cfg.sequence_length)
+        manifest = {
+            "snapshot_sha256": snap["result"]["sha256"],
+            "rows_in": len(records),
+            "rows_usable": len(kept),
+            "dropped": dropped,
+            "train_examples": len(train),
+            "heldout_examples": len(heldout),
+            "train_categories": dict(sorted(collections.Counter(r["category"] for r in train).items())),
+            "sequence_length": cfg.sequence_length,
+            "train_token_lengths": stats,
+            "heldout_over_sequence_length": sum(1 for n in held_len if n > cfg.sequence_length),
+            "template": TEMPLATE,
+        }
+        storage.write_json(out / "manifest.json", manifest)
+        log.info(
+            "preprocess: %d train / %d held-out examples; tokens p50 %d, p90 %d, max %d; %d over %d tokens",
+            len(train), len(heldout), stats["p50"], stats["p90"], stats["max"], stats["over_sequence_length"], cfg.sequence_length,
+        )
+        return {"train_examples": len(train), "heldout_examples": len(heldout), "over_sequence_length": stats["over_sequence_length"]}
+
+    fp = fingerprint(STAGE, snap["fingerprint"], cfg.subset(CONFIG_KEYS))
+    return storage.run_stage(run_dir, STAGE, fp, body, force)
+
+
+def main(argv=None) -> dict:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    main()
