@@ -1,0 +1,133 @@
+"""Gemma LoRA fine-tune: snapshot -> preprocess -> finetune -> generate -> report.
+
+This file only wires. Each task runs `python -m tasks.<stage> --config C --run-dir D --set k=v ...`
+(the same argv whichever runner runs it); the stages live in the `tasks` package. Parsing imports no
+ML library: tensorflow, keras, keras_hub and datasets load inside the tasks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from tasks.cli import stage_argv
+from tasks.config import CHOICES, PROMPT_SUITE_DIR, RANGES, read_config_file
+
+
+def setting(key: str, default: str) -> str:
+    """`[gemma] key` from Airflow's config (or AIRFLOW__GEMMA__KEY), else GEMMA_KEY, else default."""
+    from airflow.configuration import conf
+
+    return conf.get("gemma", key, fallback=None) or os.environ.get(f"GEMMA_{key.upper()}") or default
+
+
+RUNNER = setting("runner", "local")
+if RUNNER not in ("local", "kubernetes"):
+    raise ValueError(f"[gemma] runner / GEMMA_RUNNER must be 'local' or 'kubernetes', not {RUNNER!r}")
+CONFIG = setting("config", "cpu_demo" if RUNNER == "local" else "gemma_2b_lora")
+RUN_ROOT = setting("run_root", str(Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "gemma_runs"))
+DEFAULTS = read_config_file(CONFIG)
+STAGES = ("snapshot", "preprocess", "finetune", "generate", "report")
+
+
+def _number(key: str, kind: str, description: str) -> Param:
+    lo, hi = RANGES[key]
+    return Param(DEFAULTS[key], type=kind, minimum=lo, maximum=hi, description=description)
+
+
+def _suites() -> list[str]:
+    return sorted(p.stem for p in PROMPT_SUITE_DIR.glob("*.yaml"))
+
+
+PARAMS = {
+    "dataset_source": Param(
+        DEFAULTS.get("dataset_source", "bundled"), type="string", minLength=1,
+        description="'hub' (Dolly from the Hugging Face hub, pinned revision), 'bundled' (the sample in the image) or a path to a .jsonl/.parquet file",
+    ),
+    "num_examples": _number("num_examples", "integer", "training examples drawn (seeded) from the usable rows"),
+    "heldout_examples": _number("heldout_examples", "integer", "held-out examples kept for evaluation, disjoint from training"),
+    "sequence_length": _number("sequence_length", "integer", "tokens per training example; longer ones are truncated"),
+    "lora_rank": _number("lora_rank", "integer", "LoRA rank"),
+    "learning_rate": _number("learning_rate", "number", "AdamW learning rate"),
+    "weight_decay": _number("weight_decay", "number", "AdamW weight decay (bias and scale excluded)"),
+    "epochs": _number("epochs", "integer", "passes over the training examples"),
+    "batch_size": _number("batch_size", "integer", "examples per training step"),
+    "model_preset": Param(
+        DEFAULTS["model_preset"], type="string", minLength=1,
+        description="keras-hub preset (e.g. gemma_2b_en, via Kaggle), a local preset directory, or gguf:gemma3-270m",
+    ),
+    "prompt_suite": Param(DEFAULTS.get("prompt_suite", "v1"), type="string", enum=_suites(), description="versioned prompt suite both models answer"),
+    "max_length": _number("max_length", "integer", "generation length in tokens, prompt included"),
+    "sampler": Param(DEFAULTS.get("sampler", "top_k"), type="string", enum=list(CHOICES["sampler"]), description="generation sampler"),
+}
+
+
+def run_dir_for(run_id: str) -> Path:
+    # Run ids hold ':' and '+' (manual__2026-11-28T04:29:00+00:00); keep folder names portable.
+    return Path(RUN_ROOT).expanduser() / "runs" / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+
+
+def argv_for(stage: str) -> list[str]:
+    ctx = get_current_context()
+    overrides = {k: v for k, v in ctx["params"].items() if k in PARAMS}
+    return stage_argv(stage, CONFIG, str(run_dir_for(ctx["run_id"])), overrides)
+
+
+def run_locally(stage: str) -> dict:
+    """The local runner: the stage's own CLI, in-process, with the argv a pod would get."""
+    import importlib
+
+    argv = argv_for(stage)
+    print(f"running: python -m tasks.{stage} {' '.join(argv)}")
+    return importlib.import_module(f"tasks.{stage}").main(argv)
+
+
+TIMEOUTS = {
+    "snapshot": dt.timedelta(minutes=30),
+    "preprocess": dt.timedelta(minutes=30),
+    "finetune": dt.timedelta(hours=12),
+    "generate": dt.timedelta(hours=2),
+    "report": dt.timedelta(minutes=10),
+}
+
+
+@dag(
+    dag_id="gemma_lora_finetune",
+    schedule="@weekly",
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=["gemma", "lora", "keras-hub"],
+    doc_md=__doc__ + f"\n\nRunner: **{RUNNER}** · config: **{CONFIG}** · run root: `{RUN_ROOT}`",
+    default_args={"retries": 0},
+)
+def gemma_lora_finetune():
+    @task(execution_timeout=TIMEOUTS["snapshot"])
+    def snapshot() -> dict:
+        return run_locally("snapshot")
+
+    @task(execution_timeout=TIMEOUTS["preprocess"])
+    def preprocess() -> dict:
+        return run_locally("preprocess")
+
+    @task(execution_timeout=TIMEOUTS["finetune"])
+    def finetune() -> dict:
+        return run_locally("finetune")
+
+    @task(execution_timeout=TIMEOUTS["generate"])
+    def generate() -> dict:
+        return run_locally("generate")
+
+    @task(execution_timeout=TIMEOUTS["report"])
+    def report() -> dict:
+        return run_locally("report")
+
+    snapshot() >> preprocess() >> finetune() >> generate() >> report()
+
+
+gemma_lora_finetune()

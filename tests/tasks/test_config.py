@@ -1,0 +1,84 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tasks
+from tasks.config import Config, ConfigError, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["snapshot", "preprocess", "finetune", "generate", "report"]
+
+
+def test_tasks_package_is_this_repo():
+    # `tasks` is a generic name: make sure the installed package is this checkout, not another one.
+    assert Path(tasks.__file__).resolve().is_relative_to(REPO)
+
+
+def test_seed_recipe_is_the_production_default():
+    cfg = load_config("gemma_2b_lora")
+    assert (cfg.model_preset, cfg.lora_rank, cfg.sequence_length, cfg.learning_rate, cfg.weight_decay) == (
+        "gemma_2b_en", 4, 256, 5e-5, 0.01)
+    assert (cfg.epochs, cfg.batch_size, cfg.num_examples, cfg.sampler, cfg.top_k, cfg.sampler_seed) == (
+        1, 1, 1000, "top_k", 5, 2)
+    assert cfg.dataset_source == "hub"
+
+
+def test_overrides_are_typed_from_text():
+    cfg = load_config("tiny_test", parse_overrides(["lora_rank=8", "learning_rate=5e-5", "jit_compile=true"]))
+    assert cfg.lora_rank == 8 and cfg.learning_rate == 5e-5 and cfg.jit_compile is True
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"lora_rnak": "4"}, ["unknown config key", "lora_rnak"]),
+        ({"lora_rank": "four"}, ["lora_rank", "expected int"]),
+        ({"lora_rank": "0"}, ["lora_rank", "outside"]),
+        ({"learning_rate": "-1"}, ["learning_rate", "outside"]),
+        ({"epochs": "true"}, ["epochs", "expected int", "bool"]),
+        ({"sampler": "beam"}, ["sampler", "beam"]),
+        ({"dataset_source": "/no/such/file.jsonl"}, ["dataset_source", "/no/such/file.jsonl"]),
+        ({"prompt_suite": "v999"}, ["prompt_suite", "v999"]),
+    ],
+)
+def test_bad_values_name_the_key(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_test", overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_file_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_rank: 4\nwarmup_steps: 10\n")
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown config 'nope'"):
+        load_config("nope")
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.lora_rank = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help(stage):
+    out = subprocess.run([sys.executable, "-m", f"tasks.{stage}", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"python -m tasks.{stage}" in out.stdout and "--run-dir" in out.stdout and "--set" in out.stdout
+
+
+def test_cli_rejects_bad_value_with_its_name(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.snapshot", "--config", "tiny_test", "--run-dir", str(tmp_path), "--set", "lora_rank=0"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2
+    assert "lora_rank" in out.stderr and "outside" in out.stderr
+    assert not (tmp_path / "snapshot").exists()

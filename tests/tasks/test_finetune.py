@@ -1,0 +1,88 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from tasks import finetune, preprocess, snapshot
+from tasks.config import load_config
+from tasks.storage import StageInputError
+
+# A task a tiny random model can learn in seconds: answers with a fixed shape ("A lime is green.").
+# On real Dolly text a 100k-parameter random model barely moves in a test's time budget; the real
+# model's learning on Dolly is shown by the demo's report (Gemma 3 270M).
+FRUIT = [("apple", "red"), ("banana", "yellow"), ("lime", "green"), ("plum", "purple"), ("cherry", "red"),
+         ("lemon", "yellow"), ("blueberry", "blue"), ("coconut", "brown")]
+LEARNABLE = {"num_examples": "64", "heldout_examples": "16", "eval_examples": "16", "epochs": "10",
+             "learning_rate": "1e-2", "sequence_length": "64", "batch_size": "4", "log_every_steps": "40"}
+
+
+def write_learnable_dataset(path):
+    rng = random.Random(0)
+    rows = []
+    for i in range(120):
+        thing, colour = rng.choice(FRUIT)
+        rows.append({"instruction": f"What colour is a {thing}? Question {i}.", "context": "",
+                     "response": f"A {thing} is {colour}.", "category": "open_qa"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_finetune_lowers_heldout_loss(tmp_path):
+    data = write_learnable_dataset(tmp_path / "fruit.jsonl")
+    cfg = load_config("tiny_test", {**LEARNABLE, "dataset_source": str(data)})
+    run_dir = tmp_path / "run"
+    for stage in (snapshot, preprocess, finetune):
+        stage.run(cfg, run_dir)
+    out = run_dir / "finetune"
+    result = json.loads((out / "result.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    base, tuned = result["heldout_base"], result["heldout_tuned"]
+    print("held-out base", base, "tuned", tuned)
+    assert result["steps"] == len(history) == 16 * 10
+    # Measured: loss 6.92 -> 5.94, token accuracy 0.00 -> 0.69.
+    assert tuned["loss"] < 0.9 * base["loss"]
+    assert tuned["response_perplexity"] < 0.8 * base["response_perplexity"]
+    assert tuned["accuracy"] > base["accuracy"] + 0.3
+    assert np.mean([h["loss"] for h in history[-16:]]) < np.mean([h["loss"] for h in history[:16]])
+    assert (out / "adapter.lora.h5").stat().st_size > 0
+    assert result["config"]["lora_rank"] == 4 and result["trainable_parameters"] > 0
+
+
+def test_only_lora_weights_change():
+    import keras
+
+    from tasks.finetune import build_optimizer
+    from tasks.models import load_causal_lm
+
+    cfg = load_config("tiny_test", {"learning_rate": "1e-2"})
+    keras.utils.set_random_seed(0)
+    lm = load_causal_lm("tiny:gemma", sequence_length=32)
+    before = {w.path: np.array(w.numpy()) for w in lm.backbone.weights}
+    lm.backbone.enable_lora(rank=4)
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=build_optimizer(cfg),
+               weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    lm.fit(["Instruction:\nSay hi\n\nResponse:\nHi there."] * 8, epochs=2, batch_size=2, verbose=0)
+    after = {w.path: np.array(w.numpy()) for w in lm.backbone.weights}
+    lora = [p for p in after if "lora" in p]
+    assert lora and set(before) == set(after) - set(lora)
+    assert {w.path for w in lm.backbone.trainable_weights} == set(lora)
+    for p, w in before.items():
+        assert np.array_equal(w, after[p]), f"base weight {p} changed"
+    assert any(not np.allclose(after[p], 0) for p in lora if "lora_kernel_b" in p)
+
+
+def test_optimizer_excludes_bias_and_scale_from_decay():
+    import keras
+
+    opt = finetune.build_optimizer(load_config("gemma_2b_lora"))
+    assert isinstance(opt, keras.optimizers.AdamW)
+    assert float(opt.learning_rate) == pytest.approx(5e-5) and opt.weight_decay == pytest.approx(0.01)
+    named = lambda name: keras.Variable(np.ones(2), name=name)  # noqa: E731
+    assert not opt._use_weight_decay(named("bias")) and not opt._use_weight_decay(named("scale"))
+    assert opt._use_weight_decay(named("kernel"))
+
+
+def test_needs_preprocess_first(tmp_path):
+    with pytest.raises(StageInputError, match="preprocess"):
+        finetune.run(load_config("tiny_test"), tmp_path)
