@@ -1,0 +1,93 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.config import load_config, read_config_file
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
+STAGES = ["snapshot", "preprocess", "finetune", "generate", "report"]
+ML_LIBS = ("tensorflow", "keras", "keras_hub", "keras_nlp", "datasets", "kagglehub", "jax", "torch")
+
+
+@pytest.fixture(scope="module")
+def dag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAG_FILE))
+    assert bag.import_errors == {}
+    return bag.get_dag("gemma_lora_finetune")
+
+
+def test_edges_are_exactly_the_stage_chain(dag):
+    assert sorted(t.task_id for t in dag.tasks) == sorted(STAGES)
+    edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+    assert edges == set(zip(STAGES, STAGES[1:]))
+
+
+def test_schedule_timeouts_and_params(dag):
+    assert dag.schedule == "@weekly" or str(getattr(dag, "timetable", "")).find("weekly") >= 0 or dag.timetable.summary == "@weekly"
+    assert all(t.execution_timeout is not None for t in dag.tasks)
+    defaults = read_config_file("tiny_test")  # conftest sets GEMMA_CONFIG=tiny_test
+    params = dag.params.dump()
+    for key in ("dataset_source", "num_examples", "sequence_length", "lora_rank", "learning_rate", "weight_decay",
+                "epochs", "batch_size", "model_preset", "prompt_suite"):
+        assert key in params
+        if key in defaults:
+            assert params[key] == defaults[key], key
+
+
+def test_param_schema_rejects_out_of_range(dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for key, bad in (("lora_rank", 0), ("learning_rate", -1.0), ("prompt_suite", "v999"), ("sampler", "beam")):
+        with pytest.raises(ParamValidationError, match=key):
+            params = copy.deepcopy(dag.params)
+            params[key] = bad
+            params.validate()
+
+
+def test_every_param_is_a_config_key(dag):
+    cfg_keys = set(load_config("tiny_test").to_dict())
+    assert set(dag.params.keys()) <= cfg_keys
+
+
+def run_parse(env_extra: dict) -> dict:
+    code = (
+        "import json, runpy, sys, time; t = time.time();"
+        f"ns = runpy.run_path({str(DAG_FILE)!r}); took = time.time() - t;"
+        f"print(json.dumps({{'ml': [m for m in {ML_LIBS!r} if m in sys.modules], 'seconds': took,"
+        "'defaults': {k: v.value for k, v in ns['PARAMS'].items()}, 'config': ns['CONFIG'], 'runner': ns['RUNNER']}))"
+    )
+    env = {**os.environ, **env_extra}
+    for k, v in env_extra.items():
+        if v is None:
+            env.pop(k)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_parse_imports_no_ml_library():
+    result = run_parse({})
+    assert result["ml"] == []
+    print(f"DAG file parsed in {result['seconds']:.2f} s")
+
+
+def test_embedded_default_is_local_cpu_demo():
+    result = run_parse({"GEMMA_CONFIG": None, "GEMMA_RUNNER": None})
+    assert result["runner"] == "local" and result["config"] == "cpu_demo"
+    demo = read_config_file("cpu_demo")
+    assert result["defaults"]["model_preset"] == demo["model_preset"] == "gguf:gemma3-270m"
+    assert result["defaults"]["num_examples"] == demo["num_examples"]
+
+
+def test_unknown_runner_is_an_import_error():
+    env = {**os.environ, "GEMMA_RUNNER": "slurm"}
+    out = subprocess.run([sys.executable, str(DAG_FILE)], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "slurm" in out.stderr and "GEMMA_RUNNER" in out.stderr

@@ -1,0 +1,87 @@
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+
+from tasks import report
+from tasks.config import load_config
+from tasks.prompt_suite import load_suite
+
+HOSTILE = [
+    "<script>alert('x')</script>",
+    "</textarea><img src=x onerror=alert(1)>",
+    "\" onmouseover=\"alert(1)",
+    "{{ config.__class__ }} {% raw %}",
+    "line\nbreaks\tand\u202eRTL",
+]
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [name for name, _ in attrs]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_shows_every_prompt_side_by_side(tiny_run):
+    html = (tiny_run / "report" / "report.html").read_text()
+    answers = json.loads((tiny_run / "generate" / "answers.json").read_text())
+    for p in load_suite("v1")["prompts"]:
+        assert f'id="prompt-{p["id"]}"' in html
+    assert html.count('class="answer base"') == html.count('class="answer tuned"') == len(answers["models"]["base"])
+    assert "<polyline" in html and "Training loss per step" in html
+    assert answers["suite"]["sha256"] in html
+    assert "http://" not in html.replace("http://www.w3", "") and "<link" not in html and "<script" not in html
+
+
+def test_untrusted_text_is_escaped(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    answers_path = run_dir / "generate" / "answers.json"
+    answers = json.loads(answers_path.read_text())
+    for model in ("base", "tuned"):
+        for i, a in enumerate(answers["models"][model][: len(HOSTILE)]):
+            a["text"] = HOSTILE[i]
+            a["prompt"] = HOSTILE[-1 - i]
+    answers_path.write_text(json.dumps(answers))
+    manifest_path = run_dir / "snapshot" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"] = HOSTILE[0]
+    manifest["category_counts"][HOSTILE[1]] = 1
+    manifest_path.write_text(json.dumps(manifest))
+
+    html = report.render(report.gather(load_config("tiny_test"), run_dir))
+    parsed = Collector()
+    parsed.feed(html)
+    assert "script" not in parsed.tags and "img" not in parsed.tags
+    assert "onerror" not in parsed.attrs and "onmouseover" not in parsed.attrs
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    text = "".join(parsed.text)
+    for h in HOSTILE:  # the reader sees the text as it was, literally
+        assert h in text
+    assert "{{ config" in text  # not evaluated as a template
+
+
+def test_line_chart_handles_empty_and_flat_series():
+    assert report.line_chart({"x": []})["empty"]
+    flat = report.line_chart({"x": [1.0, 1.0, 1.0]})
+    assert not flat["empty"] and len(flat["lines"][0]["points"].split()) == 3
+    pts = report.line_chart({"x": [3.0, 2.0, 1.0]}, width=100, height=100, pad=10)["lines"][0]["points"]
+    ys = [float(p.split(",")[1]) for p in pts.split()]
+    assert ys == sorted(ys)  # falling loss draws downwards (SVG y grows downwards)
+    assert all(re.fullmatch(r"[\d.]+,[\d.]+", p) for p in pts.split())
+
+
+def test_report_needs_every_stage(tmp_path):
+    from tasks.storage import StageInputError
+
+    with pytest.raises(StageInputError):
+        report.run(load_config("tiny_test"), tmp_path)
