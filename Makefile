@@ -21,6 +21,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version > /dev/null 2>&1 || $(PY) -m ensurepip > /dev/null
 	$(PY) -m pip install -q --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install -q -p $(PY) -r requirements.lock
 	$(VENV)/bin/uv pip install -q -p $(PY) --no-deps -e .

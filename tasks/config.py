@@ -65,6 +65,8 @@ class Config:
     training_seed: int = 0
     # XLA for the train step. Keras's "auto" turns it off on CPU, where it halves Gemma 3's step.
     jit_compile: bool = False
+    # Tokens in the loss: "all" (the tutorial: prompt and response) or "response" (response only).
+    loss_tokens: str = "all"
     # Held-out examples scored (masked loss, response perplexity) before and after tuning; at most
     # heldout_examples are there to score.
     eval_examples: int = 100
@@ -87,7 +89,7 @@ class Config:
 
 
 FIELD_TYPES: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
-CHOICES: dict[str, tuple[str, ...]] = {"sampler": ("top_k", "greedy")}
+CHOICES: dict[str, tuple[str, ...]] = {"sampler": ("top_k", "greedy"), "loss_tokens": ("all", "response")}
 # (minimum, maximum) inclusive; None means unbounded.
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "hub_timeout_s": (1, 600),

@@ -19,6 +19,7 @@ from pathlib import Path
 from tasks import storage
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
+from tasks.batching import encode
 from tasks.heldout_eval import score_heldout
 
 log = logging.getLogger("gemma_pipeline")
@@ -35,6 +36,7 @@ CONFIG_KEYS = (
     "batch_size",
     "training_seed",
     "jit_compile",
+    "loss_tokens",
     "eval_examples",
 )
 
@@ -101,17 +103,20 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         pre_dir = storage.stage_dir(run_dir, "preprocess")
         train = storage.read_jsonl(pre_dir / "train.jsonl")
         heldout = storage.read_jsonl(pre_dir / "heldout.jsonl")[: cfg.eval_examples]
-        # Seed before the model (and its tokenizer) is built; fit() does not shuffle Python lists.
+        # Seed before the model (and its tokenizer) is built.
         keras.utils.set_random_seed(cfg.training_seed)
-        texts = [r["text"] for r in train]
-        random.Random(cfg.training_seed).shuffle(texts)
+        order = list(range(len(train)))
+        random.Random(cfg.training_seed).shuffle(order)
+        train = [train[i] for i in order]
 
         t0 = time.time()
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir, cfg.sequence_length)
         load_s = time.time() - t0
-        base_scores = score_heldout(lm, heldout)
+        base_scores = score_heldout(lm, heldout, cfg.sequence_length)
         log.info("finetune: base model on %d held-out examples: %s", len(heldout), base_scores)
 
+        enc = encode(lm.preprocessor.tokenizer, train, cfg.sequence_length, cfg.loss_tokens)
+        base_params = int(lm.backbone.count_params())
         lm.backbone.enable_lora(rank=cfg.lora_rank)
         trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
         lm.compile(
@@ -120,40 +125,49 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
             jit_compile=cfg.jit_compile,
         )
-        steps_per_epoch = -(-len(texts) // cfg.batch_size)
-        sizes = [cfg.batch_size] * (steps_per_epoch - 1) + [len(texts) - cfg.batch_size * (steps_per_epoch - 1)]
+        steps_per_epoch = -(-len(train) // cfg.batch_size)
+        sizes = [cfg.batch_size] * (steps_per_epoch - 1) + [len(train) - cfg.batch_size * (steps_per_epoch - 1)]
         total = steps_per_epoch * cfg.epochs
         log.info(
             "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA rank %d: %s trainable weights",
-            len(texts), cfg.batch_size, cfg.epochs, total, cfg.lora_rank, f"{trainable:,}",
+            len(train), cfg.batch_size, cfg.epochs, total, cfg.lora_rank, f"{trainable:,}",
         )
         history: list[dict] = []
+        # The batches are already token ids: detach the string preprocessor while fitting.
+        preprocessor, lm.preprocessor = lm.preprocessor, None
         t1 = time.time()
-        lm.fit(
-            texts,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            verbose=0,
-            callbacks=[make_progress_callback(total, sizes, cfg.log_every_steps, history)],
-        )
+        try:
+            lm.fit(
+                x={"token_ids": enc["token_ids"], "padding_mask": enc["padding_mask"]},
+                y=enc["labels"],
+                sample_weight=enc["weights"],
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                shuffle=False,  # the order above is seeded and recorded
+                verbose=0,
+                callbacks=[make_progress_callback(total, sizes, cfg.log_every_steps, history)],
+            )
+        finally:
+            lm.preprocessor = preprocessor
         train_s = time.time() - t1
-        tuned_scores = score_heldout(lm, heldout)
+        tuned_scores = score_heldout(lm, heldout, cfg.sequence_length)
         log.info("finetune: tuned model on %d held-out examples: %s", len(heldout), tuned_scores)
         lm.backbone.save_lora_weights(str(out / ADAPTER))
 
-        real_tokens = sum(min(r["n_tokens"], cfg.sequence_length) for r in train) * cfg.epochs
+        real_tokens = int(enc["real_tokens"].sum()) * cfg.epochs
         result = {
             "model_preset": cfg.model_preset,
             "model_class": type(lm).__name__,
-            "parameters": int(lm.backbone.count_params()),
+            "parameters": base_params,
             "trainable_parameters": trainable,
             "steps": len(history),
-            "examples": len(texts),
+            "examples": len(train),
+            "data_order": [r["id"] for r in train],
             "config": cfg.subset(CONFIG_KEYS),
             "timings_s": {"load": round(load_s, 2), "train": round(train_s, 2)},
             "tokens": {
                 "real": real_tokens,
-                "padded": cfg.sequence_length * len(texts) * cfg.epochs,
+                "padded": cfg.sequence_length * len(train) * cfg.epochs,
                 "real_per_s": round(real_tokens / train_s, 1),
             },
             "heldout_base": base_scores,

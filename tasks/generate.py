@@ -45,14 +45,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def answer(lm, prompts: list[dict], cfg: Config, label: str) -> list[dict]:
+def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | None = None) -> list[dict]:
     """Answers in suite order; stops and token counts read from the token ids, not the text."""
     import keras
     import numpy as np
 
     pre = lm.preprocessor
     tok = pre.tokenizer
-    stops = stop_token_ids(tok)
+    stops = stops if stops is not None else stop_token_ids(tok)
     generate_fn = lm.make_generate_function()
     results = []
     done = 0
@@ -64,7 +64,7 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str) -> list[dict]:
         x = pre.generate_preprocess(texts, sequence_length=cfg.max_length)
         prompt_len = keras.ops.convert_to_numpy(x["padding_mask"]).sum(axis=1)
         t = time.time()
-        y = generate_fn(x, stop_token_ids=tuple(stops))
+        y = generate_fn(x, stop_token_ids=tuple(stops) if stops else None)
         seconds = time.time() - t
         ids = keras.ops.convert_to_numpy(y["token_ids"])
         mask = keras.ops.convert_to_numpy(y["padding_mask"])

@@ -118,7 +118,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         storage.write_jsonl(
             out / "train.jsonl",
             [
-                {"id": r["id"], "category": r["category"], "text": t, "n_tokens": n}
+                {"id": r["id"], "category": r["category"], "prompt": format_prompt(r["instruction"]), "text": t, "n_tokens": n}
                 for r, t, n in zip(train, train_texts, train_len)
             ],
         )
