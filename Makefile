@@ -8,6 +8,7 @@ AIRFLOW := $(VENV)/bin/airflow
 
 export AIRFLOW_HOME := $(CURDIR)/airflow_home
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__PARALLELISM := 4
 export AIRFLOW__API__HOST := 127.0.0.1
@@ -15,7 +16,7 @@ export GEMMA_MODELS_DIR ?= $(CURDIR)/.cache/models
 export GEMMA_RUN_ROOT ?= $(CURDIR)/artifacts
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test ui clean
+.PHONY: setup browser demo test ui clean
 
 setup: $(VENV)/.installed
 
@@ -42,7 +43,12 @@ demo: $(AIRFLOW_HOME)/airflow.db
 	report=$$(ls -t $(GEMMA_RUN_ROOT)/runs/*/report/report.html | head -1); \
 	echo "Report: $$report"
 
-test: $(VENV)/.installed
+# Headless Chromium and its driver from Debian, for the browser test of the report tab.
+browser:
+	@command -v chromium > /dev/null && command -v chromedriver > /dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null)
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest
 
 # Airflow UI on http://127.0.0.1:8080 with this DAG; the admin password is printed below.

@@ -1,37 +1,29 @@
-"""Gemma LoRA fine-tune: snapshot -> preprocess -> finetune -> generate -> report.
+"""Gemma LoRA fine-tune: snapshot -> preprocess -> finetune -> generate -> report -> promote.
 
 This file only wires. Each task runs `python -m tasks.<stage> --config C --run-dir D --set k=v ...`
-(the same argv whichever runner runs it); the stages live in the `tasks` package. Parsing imports no
+(the same argv whichever runner runs it); the stages live in the `tasks` package. `promote` is
+skipped when the quality gate fails: the report says why. Parsing imports no
 ML library: tensorflow, keras, keras_hub and datasets load inside the tasks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import re
-from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from tasks.airflow_settings import DAG_ID, run_dir_for, run_root, setting
 from tasks.cli import stage_argv
 from tasks.config import CHOICES, PROMPT_SUITE_DIR, RANGES, read_config_file
-
-
-def setting(key: str, default: str) -> str:
-    """`[gemma] key` from Airflow's config (or AIRFLOW__GEMMA__KEY), else GEMMA_KEY, else default."""
-    from airflow.configuration import conf
-
-    return conf.get("gemma", key, fallback=None) or os.environ.get(f"GEMMA_{key.upper()}") or default
 
 
 RUNNER = setting("runner", "local")
 if RUNNER not in ("local", "kubernetes"):
     raise ValueError(f"[gemma] runner / GEMMA_RUNNER must be 'local' or 'kubernetes', not {RUNNER!r}")
 CONFIG = setting("config", "cpu_demo" if RUNNER == "local" else "gemma_2b_lora")
-RUN_ROOT = setting("run_root", str(Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "gemma_runs"))
+RUN_ROOT = str(run_root())
 DEFAULTS = read_config_file(CONFIG)
-STAGES = ("snapshot", "preprocess", "finetune", "generate", "report")
+STAGES = ("snapshot", "preprocess", "finetune", "generate", "report", "promote")
 
 
 def _number(key: str, kind: str, description: str) -> Param:
@@ -66,15 +58,16 @@ PARAMS = {
 }
 
 
-def run_dir_for(run_id: str) -> Path:
-    # Run ids hold ':' and '+' (manual__2026-11-28T04:29:00+00:00); keep folder names portable.
-    return Path(RUN_ROOT).expanduser() / "runs" / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
-
-
 def argv_for(stage: str) -> list[str]:
     ctx = get_current_context()
     overrides = {k: v for k, v in ctx["params"].items() if k in PARAMS}
     return stage_argv(stage, CONFIG, str(run_dir_for(ctx["run_id"])), overrides)
+
+
+def templated_argv(stage: str) -> list[str]:
+    """The same argv as `argv_for`, as Jinja templates that an operator renders at run time (the pod)."""
+    overrides = {k: "{{ params.%s }}" % k for k in PARAMS}
+    return stage_argv(stage, CONFIG, "{{ run_id | run_dir }}", overrides)
 
 
 def run_locally(stage: str) -> dict:
@@ -92,11 +85,12 @@ TIMEOUTS = {
     "finetune": dt.timedelta(hours=12),
     "generate": dt.timedelta(hours=2),
     "report": dt.timedelta(minutes=10),
+    "promote": dt.timedelta(minutes=5),
 }
 
 
 @dag(
-    dag_id="gemma_lora_finetune",
+    dag_id=DAG_ID,
     schedule="@weekly",
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
@@ -105,6 +99,7 @@ TIMEOUTS = {
     tags=["gemma", "lora", "keras-hub"],
     doc_md=__doc__ + f"\n\nRunner: **{RUNNER}** · config: **{CONFIG}** · run root: `{RUN_ROOT}`",
     default_args={"retries": 0},
+    user_defined_filters={"run_dir": lambda run_id: str(run_dir_for(run_id))},
 )
 def gemma_lora_finetune():
     @task(execution_timeout=TIMEOUTS["snapshot"])
@@ -127,7 +122,25 @@ def gemma_lora_finetune():
     def report() -> dict:
         return run_locally("report")
 
-    snapshot() >> preprocess() >> finetune() >> generate() >> report()
+    @task(execution_timeout=TIMEOUTS["promote"])
+    def promote() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        decision = run_locally("promote")
+        if not decision["promoted"]:
+            # Skipped, not failed: the gate did its job; the grid marks the run, the report explains.
+            raise AirflowSkipException(f"quality gate failed ({', '.join(decision['failed_checks'])}): not promoted")
+        return decision
+
+    if RUNNER == "kubernetes":
+        # Production: the GPU stages run the same argv in a GPU pod (image and pod settings: [gemma]).
+        from tasks.k8s_pod import gpu_stage_operator
+
+        tuned = gpu_stage_operator("finetune", templated_argv("finetune"), TIMEOUTS["finetune"])
+        answered = gpu_stage_operator("generate", templated_argv("generate"), TIMEOUTS["generate"])
+    else:
+        tuned, answered = finetune(), generate()
+    snapshot() >> preprocess() >> tuned >> answered >> report() >> promote()
 
 
 gemma_lora_finetune()

@@ -79,6 +79,16 @@ class Config:
     top_k: int = 5
     sampler_seed: int = 2
     generate_batch_size: int = 4
+    # Held-out prompts both models answer, scored with ROUGE-L against the reference responses.
+    heldout_generate_examples: int = 100
+
+    # -- quality gate: the tuned model passes when all three hold ----------------------------------
+    # tuned ROUGE-L >= base ROUGE-L - margin (held-out answers vs reference responses)
+    gate_rouge_l_margin: float = 0.0
+    # tuned EOS-stop rate >= base rate - margin (prompt suite and held-out answers together)
+    gate_eos_rate_margin: float = 0.0
+    # tuned held-out response perplexity <= base perplexity * (1 + margin)
+    gate_perplexity_margin: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +116,10 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_length": (8, 8192),
     "top_k": (1, 1_000_000),
     "generate_batch_size": (1, 4096),
+    "heldout_generate_examples": (0, 100_000),
+    "gate_rouge_l_margin": (0.0, 1.0),
+    "gate_eos_rate_margin": (0.0, 1.0),
+    "gate_perplexity_margin": (0.0, 100.0),
 }
 
 

@@ -84,6 +84,17 @@ def make_progress_callback(total_steps: int, batch_sizes: list[int], every: int,
     return Progress()
 
 
+def describe_device() -> dict:
+    import os
+    import platform
+
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+    return {"gpus": names, "cpu_count": os.cpu_count(), "machine": platform.machine(), "tensorflow": tf.__version__}
+
+
 def build_optimizer(cfg: Config):
     import keras
 
@@ -174,6 +185,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "heldout_tuned": tuned_scores,
             "final_loss": history[-1]["loss"] if history else None,
             "keras_version": keras.__version__,
+            "device": describe_device(),
         }
         storage.write_json(out / "history.json", history)
         storage.write_json(out / "result.json", result)

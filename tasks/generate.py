@@ -1,6 +1,7 @@
 """python -m tasks.generate --config cpu_demo --run-dir DIR [--set sampler=greedy]
 
-Stage 4: answer the fixed prompt suite with the base model and with the tuned model (the same base
+Stage 4: answer the fixed prompt suite, and the first `heldout_generate_examples` held-out
+instructions (never trained on), with the base model and with the tuned model (the same base
 weights plus the LoRA adapter from `finetune`). Prompts use the training template's prompt half
 (`Instruction:\n{prompt}\n\nResponse:\n`), in batches of `generate_batch_size`, with the configured
 sampler and seed. For every answer it records the text, its token count, whether the model stopped
@@ -22,7 +23,10 @@ from tasks.prompt_suite import load_suite
 log = logging.getLogger("gemma_pipeline")
 
 STAGE = "generate"
-CONFIG_KEYS = ("model_preset", "lora_rank", "prompt_suite", "max_length", "sampler", "top_k", "sampler_seed", "generate_batch_size")
+CONFIG_KEYS = (
+    "model_preset", "lora_rank", "prompt_suite", "max_length", "sampler", "top_k", "sampler_seed",
+    "generate_batch_size", "heldout_generate_examples",
+)
 
 
 def make_sampler(cfg: Config):
@@ -84,6 +88,7 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
                     "tokens": len(gen),
                     "stopped_at_eos": stopped,
                     "hit_max_length": not stopped and int(prompt_len[i]) + len(gen) >= cfg.max_length,
+                    "batch": start // cfg.generate_batch_size,
                     "batch_seconds": round(seconds, 3),
                 }
             )
@@ -106,24 +111,36 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         from tasks.models import load_causal_lm
 
         adapter = storage.stage_dir(run_dir, "finetune") / "adapter.lora.h5"
+        heldout = [
+            {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "reference": r["response"]}
+            for r in storage.read_jsonl(storage.stage_dir(run_dir, "preprocess") / "heldout.jsonl")
+        ][: cfg.heldout_generate_examples]
         keras.utils.set_random_seed(cfg.sampler_seed)
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
-        lm.compile(sampler=make_sampler(cfg))
-        t = time.time()
-        base = answer(lm, suite["prompts"], cfg, "base")
-        base_s = time.time() - t
-        lm.backbone.enable_lora(rank=cfg.lora_rank)
-        lm.backbone.load_lora_weights(str(adapter))
-        # A fresh compile drops the generate function traced for the base weights' graph.
-        lm.compile(sampler=make_sampler(cfg))
-        t = time.time()
-        tuned = answer(lm, suite["prompts"], cfg, "tuned")
-        tuned_s = time.time() - t
+        results, seconds = {}, {}
+        for model in ("base", "tuned"):
+            if model == "tuned":
+                lm.backbone.enable_lora(rank=cfg.lora_rank)
+                lm.backbone.load_lora_weights(str(adapter))
+            # A fresh compile per model: the sampler restarts from its seed, and the generate
+            # function traced for the other weights is dropped.
+            lm.compile(sampler=make_sampler(cfg))
+            t = time.time()
+            results[model] = {
+                "suite": answer(lm, suite["prompts"], cfg, f"{model} / suite"),
+                "heldout": answer(lm, heldout, cfg, f"{model} / held-out"),
+            }
+            seconds[model] = round(time.time() - t, 2)
+        for model in results:
+            for a, ref in zip(results[model]["heldout"], heldout):
+                a["reference"] = ref["reference"]
+        base, tuned = results["base"]["suite"], results["tuned"]["suite"]
         data = {
             "suite": {k: suite[k] for k in ("name", "description", "sha256", "path")},
             "sampler": {"name": cfg.sampler, "top_k": cfg.top_k, "seed": cfg.sampler_seed, "max_length": cfg.max_length},
             "models": {"base": base, "tuned": tuned},
-            "seconds": {"base": round(base_s, 2), "tuned": round(tuned_s, 2)},
+            "heldout": {"base": results["base"]["heldout"], "tuned": results["tuned"]["heldout"]},
+            "seconds": seconds,
         }
         storage.write_json(out / "answers.json", data)
         del lm

@@ -19,6 +19,8 @@ from pathlib import Path
 from tasks import storage
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
+from tasks.evaluation import evaluate
+from tasks.evaluation import history as evaluation_history
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -71,28 +73,46 @@ def versions() -> dict[str, str]:
     return out
 
 
-def pair_answers(answers: dict) -> list[dict]:
+def flags(m: dict) -> list[str]:
+    out = []
+    if m["template_leak"]:
+        out.append("leak")
+    if not m["stopped_at_eos"]:
+        out.append("no-eos")
+    if m["repetitive"]:
+        out.append("repetition")
+    return out
+
+
+def cards(answers: dict, evaluation: dict) -> list[dict]:
+    """One card per suite prompt: both answers with their metrics and flags."""
+    per = {p["id"]: p for p in evaluation["per_prompt"]}
     tuned = {a["id"]: a for a in answers["models"]["tuned"]}
-    return [{"id": b["id"], "category": b["category"], "prompt": b["prompt"], "base": b, "tuned": tuned[b["id"]]}
-            for b in answers["models"]["base"]]
+    out = []
+    for b in answers["models"]["base"]:
+        m = per[b["id"]]
+        t = tuned[b["id"]]
+        card_flags = sorted(set(flags(m["base"])) | set(flags(m["tuned"])))
+        out.append({
+            "id": b["id"], "category": b["category"], "prompt": b["prompt"],
+            "base": {**b, "m": m["base"], "flags": flags(m["base"])},
+            "tuned": {**t, "m": m["tuned"], "flags": flags(m["tuned"])},
+            "flags": card_flags, "differ": b["text"] != t["text"],
+        })
+    return out
 
 
-def answer_stats(answers: list[dict]) -> dict:
-    n = max(len(answers), 1)
-    return {
-        "answers": len(answers),
-        "stopped_at_eos": sum(a["stopped_at_eos"] for a in answers),
-        "stop_rate": round(sum(a["stopped_at_eos"] for a in answers) / n, 3),
-        "mean_tokens": round(sum(a["tokens"] for a in answers) / n, 1),
-    }
-
-
-def gather(cfg: Config, run_dir: Path) -> dict:
+def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
     done = {s: storage.require(run_dir, s, STAGE) for s in STAGES}
     d = lambda s: storage.stage_dir(run_dir, s)  # noqa: E731
     history = storage.read_json(d("finetune") / "history.json")
     answers = storage.read_json(d("generate") / "answers.json")
     finetune = storage.read_json(d("finetune") / "result.json")
+    heldout_rows = []
+    for b, t, r in zip(answers["heldout"]["base"], answers["heldout"]["tuned"], evaluation["heldout"]["per_example"]):
+        heldout_rows.append({"id": b["id"], "instruction": b["prompt"], "reference": b["reference"],
+                             "base": b["text"], "tuned": t["text"], "rouge_l": r["rouge_l"]})
+    card_list = cards(answers, evaluation)
     return {
         "run_dir": str(run_dir),
         "run_id": Path(run_dir).name,
@@ -102,9 +122,11 @@ def gather(cfg: Config, run_dir: Path) -> dict:
         "preprocess": storage.read_json(d("preprocess") / "manifest.json"),
         "finetune": finetune,
         "answers": answers,
-        "pairs": pair_answers(answers),
-        "base_stats": answer_stats(answers["models"]["base"]),
-        "tuned_stats": answer_stats(answers["models"]["tuned"]),
+        "ev": evaluation,
+        "cards": card_list,
+        "categories": sorted({c["category"] for c in card_list}),
+        "heldout_rows": heldout_rows,
+        "history": evaluation_history(run_dir),
         "stage_seconds": {s: done[s]["result"].get("seconds") for s in STAGES},
         "loss_chart": line_chart({"loss per step": [h["loss"] for h in history]}),
         "accuracy_chart": line_chart({"token accuracy (running)": [h["accuracy_running"] for h in history]}),
@@ -120,15 +142,20 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in STAGES]
 
     def body(out: Path) -> dict:
-        html = render(gather(cfg, run_dir))
+        evaluation = evaluate(cfg, run_dir)
+        evaluation["model_preset"] = cfg.model_preset
+        storage.write_json(out / "metrics.json", evaluation)
+        html = render(gather(cfg, run_dir, evaluation))
         (out / REPORT).write_text(html, encoding="utf-8")
         path = storage.stage_dir(run_dir, STAGE) / REPORT
-        log.info("report: wrote %s (%d KB)", path, len(html) // 1024)
-        return {"report": str(path)}
+        verdict = "PASSED" if evaluation["gate"]["passed"] else "FAILED"
+        log.info("report: quality gate %s; wrote %s (%d KB)", verdict, path, len(html) // 1024)
+        return {"report": str(path), "gate_passed": evaluation["gate"]["passed"]}
 
     # Templates are inputs too: editing one re-renders the report.
     tmpl = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in TEMPLATES.glob("*"))
-    return storage.run_stage(run_dir, STAGE, fingerprint(STAGE, upstream, tmpl), body, force)
+    gate_cfg = cfg.subset(("gate_rouge_l_margin", "gate_eos_rate_margin", "gate_perplexity_margin"))
+    return storage.run_stage(run_dir, STAGE, fingerprint(STAGE, upstream, tmpl, gate_cfg), body, force)
 
 
 def main(argv=None) -> dict:

@@ -22,6 +22,7 @@ _SESSION_TMP = Path(tempfile.mkdtemp(prefix="gemma-tests-"))
 
 os.environ["AIRFLOW_HOME"] = str(_SESSION_TMP / "airflow_home")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["GEMMA_RUNNER"] = "local"

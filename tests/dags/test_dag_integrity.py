@@ -11,7 +11,7 @@ from tasks.config import load_config, read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
-STAGES = ["snapshot", "preprocess", "finetune", "generate", "report"]
+STAGES = ["snapshot", "preprocess", "finetune", "generate", "report", "promote"]
 ML_LIBS = ("tensorflow", "keras", "keras_hub", "keras_nlp", "datasets", "kagglehub", "jax", "torch")
 
 

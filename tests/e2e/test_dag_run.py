@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import airflow_bin
 
-STAGES = ["snapshot", "preprocess", "finetune", "generate", "report"]
+STAGES = ["snapshot", "preprocess", "finetune", "generate", "report", "promote"]
 
 
 @pytest.fixture(scope="module")

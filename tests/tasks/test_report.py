@@ -7,6 +7,7 @@ import pytest
 
 from tasks import report
 from tasks.config import load_config
+from tasks.evaluation import evaluate
 from tasks.prompt_suite import load_suite
 
 HOSTILE = [
@@ -14,18 +15,24 @@ HOSTILE = [
     "</textarea><img src=x onerror=alert(1)>",
     "\" onmouseover=\"alert(1)",
     "{{ config.__class__ }} {% raw %}",
-    "line\nbreaks\tand\u202eRTL",
+    "line\nbreaks\tand\u202eRTL\u200bzero-width",
+    "x" * 20000,
 ]
 
 
 class Collector(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.tags, self.attrs, self.text = [], [], []
+        self.tags, self.attrs, self.text, self.ids, self.hrefs = [], [], [], set(), []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         self.attrs += [name for name, _ in attrs]
+        d = dict(attrs)
+        if "id" in d:
+            self.ids.add(d["id"])
+        if tag == "a" and "href" in d:
+            self.hrefs.append(d["href"])
 
     def handle_data(self, data):
         self.text.append(data)
@@ -39,7 +46,23 @@ def test_report_shows_every_prompt_side_by_side(tiny_run):
     assert html.count('class="answer base"') == html.count('class="answer tuned"') == len(answers["models"]["base"])
     assert "<polyline" in html and "Training loss per step" in html
     assert answers["suite"]["sha256"] in html
-    assert "http://" not in html.replace("http://www.w3", "") and "<link" not in html and "<script" not in html
+    assert "http://" not in html.replace("http://www.w3", "") and "<link" not in html and "<script src" not in html
+
+
+def test_every_in_page_link_resolves(tiny_run):
+    parsed = Collector()
+    parsed.feed((tiny_run / "report" / "report.html").read_text())
+    assert parsed.hrefs, "the report has a table of contents"
+    for href in parsed.hrefs:
+        assert href.startswith("#") and href[1:] in parsed.ids, href
+
+
+def test_verdict_comes_first_and_metrics_are_stored(tiny_run):
+    html = (tiny_run / "report" / "report.html").read_text()
+    m = json.loads((tiny_run / "report" / "metrics.json").read_text())
+    assert html.index('id="verdict"') < html.index('id="metrics"') < html.index('id="prompts"')
+    assert ("PASSED" if m["gate"]["passed"] else "FAILED") in html[html.index('id="verdict"'):html.index('id="metrics"')]
+    assert m["heldout"]["n"] == 8 and len(m["per_prompt"]) == len(load_suite("v1")["prompts"])
 
 
 def test_untrusted_text_is_escaped(tiny_run, tmp_path):
@@ -47,10 +70,13 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run_dir)
     answers_path = run_dir / "generate" / "answers.json"
     answers = json.loads(answers_path.read_text())
-    for model in ("base", "tuned"):
-        for i, a in enumerate(answers["models"][model][: len(HOSTILE)]):
-            a["text"] = HOSTILE[i]
-            a["prompt"] = HOSTILE[-1 - i]
+    for group in ("models", "heldout"):
+        for model in ("base", "tuned"):
+            for i, a in enumerate(answers[group][model][: len(HOSTILE)]):
+                a["text"] = HOSTILE[i]
+                a["prompt"] = HOSTILE[-1 - i]
+                if group == "heldout":
+                    a["reference"] = HOSTILE[i - 1]
     answers_path.write_text(json.dumps(answers))
     manifest_path = run_dir / "snapshot" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -58,10 +84,12 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
     manifest["category_counts"][HOSTILE[1]] = 1
     manifest_path.write_text(json.dumps(manifest))
 
-    html = report.render(report.gather(load_config("tiny_test"), run_dir))
+    cfg = load_config("tiny_test")
+    html = report.render(report.gather(cfg, run_dir, evaluate(cfg, run_dir)))
     parsed = Collector()
     parsed.feed(html)
-    assert "script" not in parsed.tags and "img" not in parsed.tags
+    assert parsed.tags.count("script") == 1  # the report's own filter script, nothing injected
+    assert "img" not in parsed.tags
     assert "onerror" not in parsed.attrs and "onmouseover" not in parsed.attrs
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
     text = "".join(parsed.text)

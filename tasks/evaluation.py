@@ -1,0 +1,118 @@
+"""The run's quality numbers: metrics of every answer, per-model aggregates, deltas and the gate.
+
+Reads what `finetune` and `generate` wrote; used by the `report` stage, which stores the result as
+`report/metrics.json` (what `promote` and later runs' history sections read).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks import metrics, storage
+from tasks.config import Config
+
+MODELS = ("base", "tuned")
+
+
+def evaluate(cfg: Config, run_dir: Path) -> dict:
+    answers = storage.read_json(storage.stage_dir(run_dir, "generate") / "answers.json")
+    finetune = storage.read_json(storage.stage_dir(run_dir, "finetune") / "result.json")
+
+    per_prompt = []
+    for b, t in zip(answers["models"]["base"], answers["models"]["tuned"]):
+        per_prompt.append({"id": b["id"], "base": metrics.answer_metrics(b), "tuned": metrics.answer_metrics(t)})
+    suite = {m: metrics.aggregate([p[m] for p in per_prompt], answers["models"][m]) for m in MODELS}
+
+    held = answers.get("heldout", {"base": [], "tuned": []})
+    heldout_metrics = {m: [metrics.answer_metrics(a) for a in held[m]] for m in MODELS}
+    rouge = {m: metrics.rouge_l_many([a["text"] for a in held[m]], [a["reference"] for a in held[m]]) for m in MODELS}
+    heldout = {
+        "n": len(held["base"]),
+        "aggregate": {m: metrics.aggregate(heldout_metrics[m], held[m]) for m in MODELS} if held["base"] else {},
+        "rouge_l": {m: round(sum(rouge[m]) / len(rouge[m]), 5) if rouge[m] else None for m in MODELS},
+        "rouge_l_delta_ci": metrics.bootstrap_delta_ci(rouge["base"], rouge["tuned"]) if rouge["base"] else None,
+        "per_example": [
+            {"id": b["id"], "rouge_l": {"base": round(rb, 4), "tuned": round(rt, 4)}}
+            for b, rb, rt in zip(held["base"], rouge["base"], rouge["tuned"])
+        ],
+    }
+
+    def eos_rate(model: str) -> float:
+        flags = [a["stopped_at_eos"] for a in answers["models"][model] + held[model]]
+        return round(sum(flags) / max(len(flags), 1), 4)
+
+    result = {
+        "suite": suite,
+        "per_prompt": per_prompt,
+        "heldout": heldout,
+        "eos_stop_rate": {m: eos_rate(m) for m in MODELS},
+        "perplexity": {
+            "base": finetune["heldout_base"].get("response_perplexity"),
+            "tuned": finetune["heldout_tuned"].get("response_perplexity"),
+            "examples": finetune["heldout_base"].get("examples"),
+        },
+        "heldout_loss": {"base": finetune["heldout_base"].get("loss"), "tuned": finetune["heldout_tuned"].get("loss")},
+    }
+    result["gate"] = gate(cfg, result)
+    return result
+
+
+def gate(cfg: Config, m: dict) -> dict:
+    """The quality gate: every check must pass for the tuned adapter to be promoted."""
+    rb, rt = m["heldout"]["rouge_l"]["base"], m["heldout"]["rouge_l"]["tuned"]
+    eb, et = m["eos_stop_rate"]["base"], m["eos_stop_rate"]["tuned"]
+    pb, pt = m["perplexity"]["base"], m["perplexity"]["tuned"]
+    checks = [
+        {
+            "name": "held-out ROUGE-L",
+            "rule": f"tuned >= base - {cfg.gate_rouge_l_margin}",
+            "base": rb,
+            "tuned": rt,
+            "passed": rb is not None and rt is not None and rt >= rb - cfg.gate_rouge_l_margin,
+        },
+        {
+            "name": "EOS-stop rate",
+            "rule": f"tuned >= base - {cfg.gate_eos_rate_margin}",
+            "base": eb,
+            "tuned": et,
+            "passed": et >= eb - cfg.gate_eos_rate_margin,
+        },
+        {
+            "name": "held-out response perplexity",
+            "rule": f"tuned <= base x (1 + {cfg.gate_perplexity_margin})",
+            "base": pb,
+            "tuned": pt,
+            "passed": pb is not None and pt is not None and pt <= pb * (1 + cfg.gate_perplexity_margin),
+        },
+    ]
+    for c in checks:
+        if c["base"] is None or c["tuned"] is None:
+            c["note"] = "not measured in this run (no held-out examples): counts as failed"
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def history(run_dir: Path, limit: int = 20) -> list[dict]:
+    """Key metrics of earlier runs beside this one (same run root), newest first."""
+    rows = []
+    for other in Path(run_dir).parent.iterdir():
+        if other.resolve() == Path(run_dir).resolve():
+            continue
+        done = storage.completed(other, "report")
+        metrics_path = other / "report" / "metrics.json"
+        if not done or not metrics_path.is_file():
+            continue
+        m = storage.read_json(metrics_path)
+        rows.append(
+            {
+                "run_id": other.name,
+                "finished_at": done.get("finished_at", 0),
+                "model_preset": m.get("model_preset"),
+                "rouge_l_tuned": m["heldout"]["rouge_l"]["tuned"],
+                "rouge_l_delta": m["heldout"]["rouge_l_delta_ci"]["mean"] if m["heldout"].get("rouge_l_delta_ci") else None,
+                "perplexity_tuned": m["perplexity"]["tuned"],
+                "eos_stop_rate_tuned": m["eos_stop_rate"]["tuned"],
+                "gate_passed": m["gate"]["passed"],
+            }
+        )
+    rows.sort(key=lambda r: r["finished_at"], reverse=True)
+    return rows[:limit]

@@ -1,0 +1,113 @@
+"""Response-quality metrics: per answer, aggregated per model, and base-vs-tuned deltas.
+
+Plain functions on text and numbers so each can be checked on hand-computed cases. Words are
+lower-cased runs of letters, digits and apostrophes; ROUGE-L is `rouge-score`'s F-measure.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from statistics import fmean
+
+# A new turn of the training template inside an answer: the model kept going after its answer.
+_LEAK = re.compile(r"(^|\n)\s*(Instruction|Response)\s*:", re.IGNORECASE)
+_WORD = re.compile(r"[\w']+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def template_leak(text: str) -> bool:
+    return bool(_LEAK.search(text))
+
+
+def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(tokens: list[str], n: int) -> float:
+    """Unique n-grams / all n-grams (1.0 for an empty answer: nothing repeated)."""
+    grams = ngrams(tokens, n)
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def repeated_ngram_rate(tokens: list[str], n: int = 3) -> float:
+    """Share of n-grams that already occurred earlier in the same answer (looping text)."""
+    grams = ngrams(tokens, n)
+    if not grams:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
+REPETITION_FLAG = 0.2  # an answer with over 20% repeated trigrams is flagged as looping
+
+
+def answer_metrics(answer: dict) -> dict:
+    """Metrics of one generated answer (a dict from generate's answers.json)."""
+    toks = words(answer["text"])
+    rep = repeated_ngram_rate(toks, 3)
+    return {
+        "stopped_at_eos": answer["stopped_at_eos"],
+        "hit_max_length": answer["hit_max_length"],
+        "template_leak": template_leak(answer["text"]),
+        "tokens": answer["tokens"],
+        "words": len(toks),
+        "distinct_1": round(distinct_n(toks, 1), 4),
+        "distinct_2": round(distinct_n(toks, 2), 4),
+        "repeated_3gram_rate": round(rep, 4),
+        "repetitive": rep > REPETITION_FLAG,
+    }
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].fmeasure
+
+
+def rouge_l_many(predictions: list[str], references: list[str]) -> list[float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+
+
+def bootstrap_delta_ci(base: list[float], tuned: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Paired bootstrap of mean(tuned - base): the same examples are resampled for both models."""
+    if len(base) != len(tuned) or not base:
+        raise ValueError("bootstrap needs two equally long, non-empty score lists")
+    diffs = [t - b for b, t in zip(base, tuned)]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(resamples))
+    lo_i = int((1 - level) / 2 * resamples)
+    hi_i = min(resamples - 1, int((1 + level) / 2 * resamples) - 1)
+    return {"mean": round(fmean(diffs), 5), "low": round(means[lo_i], 5), "high": round(means[hi_i], 5), "n": n, "level": level}
+
+
+def aggregate(per_answer: list[dict], answers: list[dict]) -> dict:
+    n = max(len(per_answer), 1)
+    gen_tokens = sum(a["tokens"] for a in answers)
+    # Answers of one batch share its time: count each batch once.
+    seconds = sum({a["batch"]: a["batch_seconds"] for a in answers}.values())
+    return {
+        "answers": len(per_answer),
+        "eos_stop_rate": round(sum(m["stopped_at_eos"] for m in per_answer) / n, 4),
+        "hit_max_length_rate": round(sum(m["hit_max_length"] for m in per_answer) / n, 4),
+        "template_leak_rate": round(sum(m["template_leak"] for m in per_answer) / n, 4),
+        "repetitive_rate": round(sum(m["repetitive"] for m in per_answer) / n, 4),
+        "mean_tokens": round(sum(m["tokens"] for m in per_answer) / n, 2),
+        "mean_words": round(sum(m["words"] for m in per_answer) / n, 2),
+        "distinct_1": round(sum(m["distinct_1"] for m in per_answer) / n, 4),
+        "distinct_2": round(sum(m["distinct_2"] for m in per_answer) / n, 4),
+        "repeated_3gram_rate": round(sum(m["repeated_3gram_rate"] for m in per_answer) / n, 4),
+        "generation_seconds": round(seconds, 2),
+        "tokens_per_second": round(gen_tokens / seconds, 2) if seconds else None,
+    }

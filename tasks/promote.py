@@ -1,0 +1,73 @@
+"""python -m tasks.promote --config cpu_demo --run-dir DIR
+
+Stage 6: apply the quality gate's verdict (computed by `report`, stored in report/metrics.json).
+A passing run becomes the champion: `champion.json` beside the run folders names its adapter, run
+id and key metrics (the previous champion is kept in `champion_history.jsonl`). A failing run
+promotes nothing; in the DAG the `promote` task is then marked *skipped*, so the run's grid shows
+at a glance which runs did not pass, while the report of a failed gate stays readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tasks import storage
+from tasks.cli import stage_main
+from tasks.config import Config, fingerprint
+
+log = logging.getLogger("gemma_pipeline")
+
+STAGE = "promote"
+CHAMPION = "champion.json"
+
+
+def champion_path(run_dir: Path) -> Path:
+    return Path(run_dir).resolve().parent / CHAMPION
+
+
+def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    rep = storage.require(run_dir, "report", STAGE)
+    tune = storage.require(run_dir, "finetune", STAGE)
+
+    def body(out: Path) -> dict:
+        m = storage.read_json(storage.stage_dir(run_dir, "report") / "metrics.json")
+        verdict = m["gate"]
+        failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
+        if not verdict["passed"]:
+            log.warning("promote: quality gate FAILED (%s); the champion stays as it is", ", ".join(failed))
+            record = {"promoted": False, "failed_checks": failed}
+        else:
+            champion = {
+                "run_id": Path(run_dir).name,
+                "adapter": tune["result"]["adapter"],
+                "model_preset": cfg.model_preset,
+                "lora_rank": cfg.lora_rank,
+                "metrics": {
+                    "rouge_l": m["heldout"]["rouge_l"],
+                    "eos_stop_rate": m["eos_stop_rate"],
+                    "perplexity": m["perplexity"],
+                },
+                "promoted_at": time.time(),
+            }
+            path = champion_path(run_dir)
+            if path.is_file():
+                with (path.parent / "champion_history.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(path.read_text(encoding="utf-8").strip().replace("\n", " ") + "\n")
+            storage.write_json(path, champion)
+            log.info("promote: quality gate passed; %s is the champion adapter (%s)", champion["run_id"], path)
+            record = {"promoted": True, "champion": str(path)}
+        storage.write_json(out / "decision.json", record)
+        return record
+
+    return storage.run_stage(run_dir, STAGE, fingerprint(STAGE, rep["fingerprint"]), body, force)
+
+
+def main(argv=None) -> dict:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,189 @@
+"""A person's view: Airflow on 127.0.0.1, a run triggered through the REST API, the run's report tab
+opened in headless Chromium (Debian's chromium + chromium-driver), and what the page shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import airflow_bin
+
+DAG_ID = "gemma_lora_finetune"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, dict | str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def wait_for(what: str, fn, timeout: float, every: float = 2.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def airflow_server(tmp_path_factory):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("Chromium and chromedriver are needed: apt-get install chromium chromium-driver (make test does)")
+    home = tmp_path_factory.mktemp("airflow-ui")
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "GEMMA_RUN_ROOT": str(home / "gemma_runs"),
+    }
+    log = (home / "standalone.log").open("w")
+    proc = subprocess.Popen([airflow_bin(), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the API server", lambda: call(f"{base}/api/v2/monitor/health")[0] == 200, timeout=180)
+        pw_file = home / "simple_auth_manager_passwords.json.generated"
+        wait_for("the admin password file", pw_file.is_file, timeout=60, every=1)
+        password = json.loads(pw_file.read_text())["admin"]
+        status, body = call(f"{base}/auth/token", "POST", {"username": "admin", "password": password})
+        assert status in (200, 201), body
+        yield {"base": base, "token": body["access_token"], "home": home}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def finished_run(airflow_server):
+    base, token = airflow_server["base"], airflow_server["token"]
+    wait_for("the DAG to be parsed", lambda: call(f"{base}/api/v2/dags/{DAG_ID}", token=token)[0] == 200, timeout=180)
+    status, body = call(f"{base}/api/v2/dags/{DAG_ID}", "PATCH", {"is_paused": False}, token)
+    assert status == 200, body
+    status, run = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", "POST",
+                       {"logical_date": None, "conf": {"num_examples": 16}}, token)
+    assert status in (200, 201), run
+    run_id = run["dag_run_id"]
+
+    def finished():
+        state = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", token=token)[1]["state"]
+        return state if state in ("success", "failed") else None
+
+    state = wait_for("the triggered run to finish", finished, timeout=900, every=5)
+    tis = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", token=token)[1]["task_instances"]
+    states = {t["task_id"]: t["state"] for t in tis}
+    assert state == "success", states
+    return run_id
+
+
+def open_report_tab(base: str, token: str, run_id: str, screenshot: Path | None = None) -> dict:
+    """Open the run's report tab as a logged-in user; return what the page shows."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1800"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(f"{base}/api/v2/monitor/health")  # a page on the origin, to set Airflow's session cookie
+        driver.add_cookie({"name": "_token", "value": token, "path": "/"})
+        driver.get(f"{base}/dags/{DAG_ID}/runs/{run_id}/plugin/gemma-quality-report")
+        wait = WebDriverWait(driver, 60)
+        frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe")))
+        tab_text = driver.find_element(By.TAG_NAME, "body").text
+        driver.switch_to.frame(frame)
+        wait.until(ec.presence_of_element_located((By.ID, "verdict")))
+        seen = {
+            "tab_text": tab_text,
+            "verdict": driver.find_element(By.ID, "verdict").text,
+            "metrics": driver.find_element(By.CSS_SELECTOR, "table.metrics").text,
+            "first_card": driver.find_element(By.CSS_SELECTOR, "#cards .card").text,
+            "cards": len(driver.find_elements(By.CSS_SELECTOR, "#cards .card")),
+        }
+        # Filter by category, as a reader would: only that category's cards stay visible.
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "filter-category")).select_by_value("creative_writing")
+        seen["visible_after_filter"] = sum(c.is_displayed() for c in driver.find_elements(By.CSS_SELECTOR, "#cards .card"))
+        Select(driver.find_element(By.ID, "filter-category")).select_by_value("")
+        if screenshot:
+            driver.switch_to.default_content()
+            driver.save_screenshot(str(screenshot))
+        return seen
+    finally:
+        driver.quit()
+
+
+def test_report_needs_airflow_login(airflow_server, finished_run):
+    status, _ = call(f"{airflow_server['base']}/gemma-reports/runs/{DAG_ID}/{finished_run}")
+    assert status in (401, 403)
+    status, body = call(f"{airflow_server['base']}/gemma-reports/runs/{DAG_ID}/{finished_run}", token=airflow_server["token"])
+    assert status == 200 and "Quality gate" in body
+
+
+def test_report_tab_in_the_airflow_ui(airflow_server, finished_run, tmp_path):
+    shot = Path(os.environ.get("GEMMA_UI_SCREENSHOT", tmp_path / "report-tab.png"))
+    seen = open_report_tab(airflow_server["base"], airflow_server["token"], finished_run, shot)
+    assert "Quality report" in seen["tab_text"]  # the tab's name in the run page
+    assert seen["verdict"].startswith("Quality gate: PASSED") or seen["verdict"].startswith("Quality gate: FAILED")
+    assert "held-out ROUGE-L" in seen["verdict"] and "EOS-stop rate" in seen["verdict"]
+    for row in ("ROUGE-L vs reference responses", "response perplexity", "template leak (rate)", "new tokens/s"):
+        assert row in seen["metrics"]
+    assert "What should I do on a trip to Europe?" in seen["first_card"]
+    assert "Base" in seen["first_card"] and "Tuned" in seen["first_card"]
+    assert seen["cards"] == 26 and seen["visible_after_filter"] == 3
+    assert shot.stat().st_size > 10_000
+
+
+def test_report_extra_link_on_the_report_task(airflow_server, finished_run):
+    base, token = airflow_server["base"], airflow_server["token"]
+    status, links = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{finished_run}/taskInstances/report/links", token=token)
+    assert status == 200, links
+    assert links["Quality report"] == f"/gemma-reports/runs/{DAG_ID}/{finished_run}"
+

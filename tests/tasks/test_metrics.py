@@ -1,0 +1,75 @@
+import pytest
+
+from tasks import metrics
+from tasks.config import load_config
+from tasks.evaluation import gate
+
+
+def test_words_and_distinct_by_hand():
+    toks = metrics.words("The cat saw the cat.")
+    assert toks == ["the", "cat", "saw", "the", "cat"]
+    assert metrics.distinct_n(toks, 1) == pytest.approx(3 / 5)
+    # bigrams: the-cat, cat-saw, saw-the, the-cat -> 3 unique of 4
+    assert metrics.distinct_n(toks, 2) == pytest.approx(3 / 4)
+    assert metrics.distinct_n([], 2) == 1.0
+
+
+def test_repeated_ngram_rate_by_hand():
+    toks = "a b c a b c a b c".split()
+    # trigrams: abc bca cab abc bca cab abc -> the last 4 repeat earlier ones
+    assert metrics.repeated_ngram_rate(toks, 3) == pytest.approx(4 / 7)
+    assert metrics.repeated_ngram_rate("one two three four".split(), 3) == 0.0
+    assert metrics.repeated_ngram_rate(["x"], 3) == 0.0
+
+
+def test_template_leak():
+    assert metrics.template_leak("Paris.\n\nInstruction:\nWhat else?")
+    assert metrics.template_leak("Sure.\nResponse: again")
+    assert not metrics.template_leak("The response to the instruction is Paris.")
+
+
+def test_rouge_l_by_hand():
+    # LCS("the cat sat on the mat", "the cat on the mat") = 5 tokens; P = 5/5, R = 5/6, F = 10/11
+    assert metrics.rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(10 / 11)
+    assert metrics.rouge_l("completely different", "the cat sat") == 0.0
+    assert metrics.rouge_l_many(["a b", "x"], ["a b", "y"]) == [1.0, 0.0]
+
+
+def test_bootstrap_ci_brackets_a_constant_shift_and_is_seeded():
+    base = [0.1, 0.2, 0.3, 0.4] * 25
+    ci = metrics.bootstrap_delta_ci(base, [b + 0.05 for b in base])
+    assert ci["mean"] == pytest.approx(0.05) and ci["low"] == pytest.approx(0.05) and ci["high"] == pytest.approx(0.05)
+    noisy = metrics.bootstrap_delta_ci(base, base[::-1], seed=1)
+    assert noisy["low"] < 0 < noisy["high"] and noisy == metrics.bootstrap_delta_ci(base, base[::-1], seed=1)
+    with pytest.raises(ValueError):
+        metrics.bootstrap_delta_ci([], [])
+
+
+def test_aggregate_counts_each_batch_once():
+    answers = [
+        {"text": "a b", "tokens": 4, "stopped_at_eos": True, "hit_max_length": False, "batch": 0, "batch_seconds": 2.0},
+        {"text": "Instruction: x", "tokens": 6, "stopped_at_eos": False, "hit_max_length": True, "batch": 0, "batch_seconds": 2.0},
+        {"text": "c", "tokens": 2, "stopped_at_eos": True, "hit_max_length": False, "batch": 1, "batch_seconds": 1.0},
+    ]
+    agg = metrics.aggregate([metrics.answer_metrics(a) for a in answers], answers)
+    assert agg["generation_seconds"] == 3.0 and agg["tokens_per_second"] == 4.0
+    assert agg["eos_stop_rate"] == pytest.approx(2 / 3, abs=1e-4) and agg["template_leak_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert agg["mean_tokens"] == 4.0
+
+
+def _m(rouge, eos, ppl):
+    return {"heldout": {"rouge_l": {"base": rouge[0], "tuned": rouge[1]}},
+            "eos_stop_rate": {"base": eos[0], "tuned": eos[1]},
+            "perplexity": {"base": ppl[0], "tuned": ppl[1]}}
+
+
+def test_gate_rules_and_margins():
+    cfg = load_config("tiny_test")
+    assert gate(cfg, _m((0.20, 0.25), (0.1, 0.8), (10.0, 10.4)))["passed"]  # ppl within 5%
+    failed = gate(cfg, _m((0.20, 0.25), (0.1, 0.8), (10.0, 10.6)))
+    assert not failed["passed"] and [c["passed"] for c in failed["checks"]] == [True, True, False]
+    assert not gate(cfg, _m((0.20, 0.19), (0.1, 0.8), (10.0, 9.0)))["passed"]
+    assert gate(load_config("tiny_test", {"gate_rouge_l_margin": "0.02"}), _m((0.20, 0.19), (0.1, 0.8), (10.0, 9.0)))["passed"]
+    assert not gate(cfg, _m((0.20, 0.25), (0.5, 0.4), (10.0, 9.0)))["passed"]
+    missing = gate(cfg, _m((None, None), (0.1, 0.8), (10.0, 9.0)))
+    assert not missing["passed"] and "not measured" in missing["checks"][0]["note"]
