@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 AIRFLOW := $(VENV)/bin/airflow
 
 export AIRFLOW_HOME := $(CURDIR)/airflow_home
+# `airflow standalone` starts its parts as `airflow ...` from PATH.
+export PATH := $(VENV)/bin:$(PATH)
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False

@@ -65,6 +65,10 @@ def stage_main(
     except ConfigError as e:
         ap.exit(2, f"python -m tasks.{stage}: error: {e}\n")
     log.info("stage %s: run dir %s, config %s", stage, args.run_dir, args.config)
+    if os.environ.get("GEMMA_REQUIRE_GPU") == "1":
+        from tasks.gpu_check import require_gpu
+
+        require_gpu()
     result = run(cfg, args.run_dir, args.force)
     if os.environ.get("GEMMA_WRITE_XCOM") == "1":
         XCOM_RETURN.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,8 @@ def call(url: str, method: str = "GET", body: dict | None = None, token: str | N
             status = r.status
     except urllib.error.HTTPError as e:
         text, status = e.read().decode(), e.code
+    except (urllib.error.URLError, ConnectionError) as e:  # not listening yet
+        return 0, str(e)
     try:
         return status, json.loads(text)
     except json.JSONDecodeError:
@@ -69,16 +71,24 @@ def airflow_server(tmp_path_factory):
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__CORE__PARALLELISM": "2",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "GEMMA_RUN_ROOT": str(home / "gemma_runs"),
+        # standalone starts its components as `airflow ...` from PATH
+        "PATH": f"{Path(airflow_bin()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = (home / "standalone.log").open("w")
     proc = subprocess.Popen([airflow_bin(), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for("the API server", lambda: call(f"{base}/api/v2/monitor/health")[0] == 200, timeout=180)
+        def healthy():
+            if proc.poll() is not None:
+                raise RuntimeError(f"airflow standalone exited {proc.returncode}; see {home / 'standalone.log'}")
+            return call(f"{base}/api/v2/monitor/health")[0] == 200
+
+        wait_for("the API server", healthy, timeout=180)
         pw_file = home / "simple_auth_manager_passwords.json.generated"
         wait_for("the admin password file", pw_file.is_file, timeout=60, every=1)
         password = json.loads(pw_file.read_text())["admin"]
@@ -176,7 +186,7 @@ def test_report_tab_in_the_airflow_ui(airflow_server, finished_run, tmp_path):
     for row in ("ROUGE-L vs reference responses", "response perplexity", "template leak (rate)", "new tokens/s"):
         assert row in seen["metrics"]
     assert "What should I do on a trip to Europe?" in seen["first_card"]
-    assert "Base" in seen["first_card"] and "Tuned" in seen["first_card"]
+    assert "BASE" in seen["first_card"] and "TUNED" in seen["first_card"]  # the headings are upper-cased by CSS
     assert seen["cards"] == 26 and seen["visible_after_filter"] == 3
     assert shot.stat().st_size > 10_000
 
@@ -185,5 +195,8 @@ def test_report_extra_link_on_the_report_task(airflow_server, finished_run):
     base, token = airflow_server["base"], airflow_server["token"]
     status, links = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{finished_run}/taskInstances/report/links", token=token)
     assert status == 200, links
-    assert links["Quality report"] == f"/gemma-reports/runs/{DAG_ID}/{finished_run}"
+    assert links["extra_links"]["Quality report"] == f"/gemma-reports/runs/{DAG_ID}/{finished_run}", links
+    # The link is the report task's only: other tasks show none.
+    status, links = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{finished_run}/taskInstances/snapshot/links", token=token)
+    assert status == 200 and not links["extra_links"].get("Quality report"), links
 

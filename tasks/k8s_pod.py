@@ -1,0 +1,356 @@
+"""The `kubernetes` runner: `finetune` and `generate` as KubernetesPodOperator tasks in a GPU pod.
+
+The pod runs the same `python -m tasks.<stage> --config ... --run-dir ... --set ...` argv as the local
+runner, on the training image (docker/), with the run root mounted from a PersistentVolumeClaim at
+the SAME path as on the workers, so the run directory in the argv means the same folder in both.
+
+Every pod setting is `[gemma] <key>` in Airflow's config (or AIRFLOW__GEMMA__<KEY>), else the env
+variable GEMMA_<KEY>, else the default in SETTINGS; an empty value turns an optional item off. They
+are read and checked when the DAG file is parsed: a wrong value is an import error of the DAG that
+names the setting. Only imported in kubernetes mode; imports nothing ML.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# key -> (default, what it is). The README's settings table is this dict.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "image": ("gemma-lora-pipeline:0.1.0", "training image built from docker/Dockerfile (push it and name it with its registry)"),
+    "image_pull_policy": ("IfNotPresent", "Always, IfNotPresent or Never"),
+    "image_pull_secret": ("", "Secret for a private registry; empty: none"),
+    "namespace": ("gemma", "namespace the pods run in"),
+    "service_account": ("gemma-stage", "the pod's service account (needs no API rights; its token is not mounted)"),
+    "conn_id": ("kubernetes_default", "Airflow connection to the cluster (in-cluster or a kubeconfig)"),
+    "gpu_count": ("1", "GPUs per pod; 0 only with allow_cpu"),
+    "gpu_resource": ("nvidia.com/gpu", "extended resource name of the GPU"),
+    "cpu_request": ("4", "CPU request"),
+    "cpu_limit": ("8", "CPU limit; empty: none"),
+    "memory_request": ("32Gi", "memory request"),
+    "memory_limit": ("32Gi", "memory limit; above it the container is OOMKilled; empty: none"),
+    "node_selector": ("{}", "JSON object of node labels, e.g. {\"cloud.google.com/gke-accelerator\": \"nvidia-l4\"}"),
+    "tolerations": (
+        '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
+        "JSON list of tolerations (the default tolerates the usual GPU-node taint)",
+    ),
+    "pvc": ("gemma-runs", "PersistentVolumeClaim mounted at the run root ([gemma] run_root)"),
+    "kaggle_secret": ("kaggle-credentials", "Secret with the Kaggle credentials; empty: no credentials"),
+    "kaggle_username_key": ("username", "key in that Secret for KAGGLE_USERNAME"),
+    "kaggle_key_key": ("key", "key in that Secret for KAGGLE_KEY"),
+    "startup_timeout": ("900", "seconds a pod may take to be scheduled, and then to start (GPU node scale-up, image pull)"),
+    "finetune_timeout": ("", "minutes the finetune task may run; empty: the DAG's 12 h"),
+    "generate_timeout": ("", "minutes the generate task may run; empty: the DAG's 2 h"),
+    "retries": ("1", "task retries (a GPU node can be preempted; a rerun skips finished work)"),
+    "on_finish_action": ("delete_pod", "delete_pod, delete_succeeded_pod, delete_active_pod or keep_pod (a kept pod that never started still holds its GPU)"),
+    "allow_cpu": ("false", "let the stage continue on CPU when the pod sees no GPU"),
+    "run_as_user": ("50000", "uid of the stage (the image's user, like the official Airflow image)"),
+    "fs_group": ("0", "group that owns the run-root volume (gid 0, like the official Airflow image)"),
+}
+
+POD_LABELS = {"app": "gemma-lora"}
+RUN_ROOT_VOLUME = "run-root"
+BASE_CONTAINER = "base"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+class PodSettingError(ValueError):
+    """A pod setting is wrong; the message names the setting and where its value came from."""
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    image: str
+    image_pull_policy: str
+    image_pull_secret: str
+    namespace: str
+    service_account: str
+    conn_id: str
+    gpu_count: int
+    gpu_resource: str
+    requests: dict[str, str]
+    limits: dict[str, str]
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    pvc: str
+    run_root: str
+    kaggle_secret: str
+    kaggle_username_key: str
+    kaggle_key_key: str
+    startup_timeout: int
+    timeouts: dict[str, dt.timedelta]
+    retries: int
+    on_finish_action: str
+    allow_cpu: bool
+    run_as_user: int
+    fs_group: int
+
+
+def _raw(key: str) -> tuple[str, str]:
+    """(value, where it came from); None-checks, not truthiness, so that an explicit "" is kept."""
+    from airflow.configuration import conf
+
+    value = conf.get("gemma", key, fallback=None)
+    if value is not None:
+        return value.strip(), f"[gemma] {key}"
+    value = os.environ.get(f"GEMMA_{key.upper()}")
+    if value is not None:
+        return value.strip(), f"GEMMA_{key.upper()}"
+    return SETTINGS[key][0], f"default of [gemma] {key}"
+
+
+def _run_root_mount() -> str:
+    """The workers' run root (the DAG's own `run_root()`), which the pod mounts at the same path."""
+    from tasks.airflow_settings import run_root
+
+    path = run_root()
+    if not path.is_absolute():
+        raise PodSettingError(f"[gemma] run_root / GEMMA_RUN_ROOT must be an absolute path to mount in the pod, not {str(path)!r}")
+    return str(path)
+
+
+def pod_settings() -> PodSettings:
+    """Read and check every pod setting; raises PodSettingError naming the first wrong one."""
+    raw = {key: _raw(key) for key in SETTINGS}
+
+    def fail(key: str, want: str) -> PodSettingError:
+        value, source = raw[key]
+        return PodSettingError(f"pod setting {key} ({source}): expected {want}, got {value!r}")
+
+    def text(key: str, pattern: re.Pattern | None = None, optional: bool = False) -> str:
+        value = raw[key][0]
+        if not value and optional:
+            return ""
+        if not value or (pattern and not pattern.match(value)):
+            raise fail(key, f"a name matching {pattern.pattern}" if pattern else "a non-empty value")
+        return value
+
+    def whole(key: str, lo: int, hi: int) -> int:
+        try:
+            value = int(raw[key][0])
+        except ValueError:
+            raise fail(key, f"a whole number in [{lo}, {hi}]") from None
+        if not lo <= value <= hi:
+            raise fail(key, f"a whole number in [{lo}, {hi}]")
+        return value
+
+    def choice(key: str, options: tuple[str, ...]) -> str:
+        if raw[key][0] not in options:
+            raise fail(key, f"one of {list(options)}")
+        return raw[key][0]
+
+    def flag(key: str) -> bool:
+        value = raw[key][0].lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise fail(key, "true or false")
+        return value in ("true", "1", "yes")
+
+    def quantity(key: str, optional: bool = False):
+        from kubernetes.utils import parse_quantity
+
+        value = raw[key][0]
+        if not value and optional:
+            return None
+        try:
+            parsed = parse_quantity(value)
+        except ValueError:
+            raise fail(key, "a Kubernetes quantity such as 4, 500m, 32Gi") from None
+        if parsed <= 0:
+            raise fail(key, "a quantity above 0")
+        return parsed
+
+    def json_value(key: str, kind: type):
+        try:
+            value = json.loads(raw[key][0] or ("{}" if kind is dict else "[]"))
+        except json.JSONDecodeError as e:
+            raise fail(key, f"JSON ({e})") from None
+        if not isinstance(value, kind):
+            raise fail(key, f"a JSON {'object' if kind is dict else 'list'}")
+        return value
+
+    image = text("image")
+    if any(c.isspace() for c in image):
+        raise fail("image", "an image reference without spaces")
+
+    requests, limits = {}, {}
+    for res in ("cpu", "memory"):
+        req, lim = quantity(f"{res}_request"), quantity(f"{res}_limit", optional=True)
+        requests[res] = raw[f"{res}_request"][0]
+        if lim is not None:
+            if lim < req:
+                raise fail(f"{res}_limit", f"at least {res}_request ({requests[res]})")
+            limits[res] = raw[f"{res}_limit"][0]
+
+    gpu_count, allow_cpu = whole("gpu_count", 0, 16), flag("allow_cpu")
+    gpu_resource = text("gpu_resource", _RESOURCE_NAME)
+    if gpu_count == 0 and not allow_cpu:
+        raise fail("gpu_count", "at least 1 unless allow_cpu is true (the stage would refuse to start without a GPU)")
+    if gpu_count:
+        # Extended resources go in limits only: Kubernetes sets the request equal to it.
+        limits[gpu_resource] = str(gpu_count)
+
+    node_selector = json_value("node_selector", dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in node_selector.items()):
+        raise fail("node_selector", "a JSON object of label names to string values")
+    tolerations = json_value("tolerations", list)
+    for tol in tolerations:
+        if not isinstance(tol, dict) or not set(tol) <= _TOLERATION_KEYS:
+            raise fail("tolerations", f"a JSON list of objects with keys from {sorted(_TOLERATION_KEYS)}")
+        if tol.get("operator", "Equal") not in ("Equal", "Exists") or tol.get("effect", "") not in (
+            "", "NoSchedule", "PreferNoSchedule", "NoExecute",
+        ):
+            raise fail("tolerations", "operator Equal/Exists and effect NoSchedule/PreferNoSchedule/NoExecute")
+
+    kaggle_secret = text("kaggle_secret", _DNS_SUBDOMAIN, optional=True)
+    return PodSettings(
+        image=image,
+        image_pull_policy=choice("image_pull_policy", ("Always", "IfNotPresent", "Never")),
+        image_pull_secret=text("image_pull_secret", _DNS_SUBDOMAIN, optional=True),
+        namespace=text("namespace", _DNS_LABEL),
+        service_account=text("service_account", _DNS_SUBDOMAIN),
+        conn_id=text("conn_id"),
+        gpu_count=gpu_count,
+        gpu_resource=gpu_resource,
+        requests=requests,
+        limits=limits,
+        node_selector=node_selector,
+        tolerations=tolerations,
+        pvc=text("pvc", _DNS_SUBDOMAIN),
+        run_root=_run_root_mount(),
+        kaggle_secret=kaggle_secret,
+        kaggle_username_key=text("kaggle_username_key", re.compile(r"^[-._a-zA-Z0-9]+$")) if kaggle_secret else "",
+        kaggle_key_key=text("kaggle_key_key", re.compile(r"^[-._a-zA-Z0-9]+$")) if kaggle_secret else "",
+        startup_timeout=whole("startup_timeout", 10, 24 * 3600),
+        timeouts={
+            stage: dt.timedelta(minutes=whole(f"{stage}_timeout", 1, 7 * 24 * 60))
+            for stage in ("finetune", "generate")
+            if raw[f"{stage}_timeout"][0]
+        },
+        retries=whole("retries", 0, 10),
+        on_finish_action=choice("on_finish_action", ("delete_pod", "delete_succeeded_pod", "delete_active_pod", "keep_pod")),
+        allow_cpu=allow_cpu,
+        run_as_user=whole("run_as_user", 1, 2**31 - 1),
+        fs_group=whole("fs_group", 0, 2**31 - 1),
+    )
+
+
+def _explain_failure_callback(settings: PodSettings):
+    """A provider callback that says, in the task log, why a stage's container died and what to change."""
+    from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
+
+    class ExplainFailure(KubernetesPodOperatorCallback):
+        @staticmethod
+        def on_pod_completion(*, pod, operator, **kwargs) -> None:
+            statuses = (pod.status.container_statuses if pod and pod.status else None) or []
+            base = next((s for s in statuses if s.name == BASE_CONTAINER), None)
+            ended = base.state.terminated if base and base.state else None
+            if not ended or ended.exit_code == 0:
+                return
+            where = f"pod {settings.namespace}/{pod.metadata.name}"
+            if ended.reason == "OOMKilled":
+                operator.log.error(
+                    "stage %s: container OOMKilled (exit code %s): it needed more than memory_limit=%s. "
+                    "Raise [gemma] memory_limit / GEMMA_MEMORY_LIMIT (and memory_request), or lower batch_size. %s",
+                    operator.task_id, ended.exit_code, settings.limits.get("memory", "none"), where,
+                )
+            else:
+                operator.log.error(
+                    "stage %s: container exited with code %s (reason %s); its last log lines are above. %s",
+                    operator.task_id, ended.exit_code, ended.reason, where,
+                )
+
+    return ExplainFailure
+
+
+def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt.timedelta):
+    """The KubernetesPodOperator that runs `python -m tasks.<task_id> <arguments>` in a GPU pod."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.secret import Secret
+    from kubernetes.client import models as k8s
+
+    s = pod_settings()
+    execution_timeout = s.timeouts.get(task_id, execution_timeout)
+    env = {
+        "GEMMA_WRITE_XCOM": "1",  # the stage writes its result dict to /airflow/xcom/return.json
+        "GEMMA_REQUIRE_GPU": "1",
+        "GEMMA_ALLOW_CPU": "1" if s.allow_cpu else "0",
+        "PYTHONUNBUFFERED": "1",  # training progress reaches the task log as it happens
+        # Model downloads (gemma_2b_en is ~5 GB) are kept on the shared volume, not per pod.
+        "GEMMA_MODELS_DIR": f"{s.run_root}/cache/models",
+        "KAGGLEHUB_CACHE": f"{s.run_root}/cache/kagglehub",
+    }
+    secrets = []
+    if s.kaggle_secret:
+        # secretKeyRef: the values stay in the cluster, never in the DAG, a rendered template or a log.
+        secrets = [
+            Secret("env", "KAGGLE_USERNAME", s.kaggle_secret, s.kaggle_username_key),
+            Secret("env", "KAGGLE_KEY", s.kaggle_secret, s.kaggle_key_key),
+        ]
+    restricted = k8s.V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])
+    )
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name=f"gemma-{task_id}",
+        kubernetes_conn_id=s.conn_id,
+        namespace=s.namespace,
+        image=s.image,
+        image_pull_policy=s.image_pull_policy,
+        image_pull_secrets=[k8s.V1LocalObjectReference(name=s.image_pull_secret)] if s.image_pull_secret else None,
+        cmds=["python", "-m", f"tasks.{task_id}"],
+        arguments=list(arguments),
+        env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        secrets=secrets,
+        container_resources=k8s.V1ResourceRequirements(requests=dict(s.requests), limits=dict(s.limits)),
+        volumes=[
+            k8s.V1Volume(
+                name=RUN_ROOT_VOLUME,
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=s.pvc),
+            )
+        ],
+        volume_mounts=[k8s.V1VolumeMount(name=RUN_ROOT_VOLUME, mount_path=s.run_root)],
+        node_selector=dict(s.node_selector),
+        tolerations=[k8s.V1Toleration(**{_snake(k): v for k, v in t.items()}) for t in s.tolerations],
+        # The provider adds dag_id, task_id, run_id and try_number labels itself.
+        labels={**POD_LABELS, "stage": task_id},
+        service_account_name=s.service_account,
+        automount_service_account_token=False,
+        security_context=k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=s.run_as_user,
+            run_as_group=s.fs_group,
+            fs_group=s.fs_group,
+            # A large run root would otherwise be chown-ed file by file at every pod start.
+            fs_group_change_policy="OnRootMismatch",
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        container_security_context=restricted,
+        xcom_sidecar_container_security_context=restricted,
+        startup_timeout_seconds=s.startup_timeout,
+        schedule_timeout_seconds=s.startup_timeout,
+        execution_timeout=execution_timeout,
+        # If the worker dies, the pod must not hold its GPU forever.
+        active_deadline_seconds=int(execution_timeout.total_seconds()) + s.startup_timeout,
+        retries=s.retries,
+        retry_delay=dt.timedelta(minutes=5),
+        on_finish_action=s.on_finish_action,
+        get_logs=True,
+        log_events_on_failure=True,
+        # The full spec dump would bury the reason; the spec is in the task's Rendered Template view.
+        log_pod_spec_on_failure=False,
+        # When the stage dies without a message, Kubernetes keeps its last log lines as the reason.
+        termination_message_policy="FallbackToLogsOnError",
+        do_xcom_push=True,
+        callbacks=[_explain_failure_callback(s)],
+    )
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
