@@ -134,9 +134,20 @@ def load_causal_lm(preset: str, configured_models_dir: str = "", sequence_length
     return lm
 
 
+def is_kaggle_preset(preset: str) -> bool:
+    return not preset.startswith(("tiny:", "gguf:")) and not Path(preset).expanduser().is_dir() and "/" not in preset
+
+
 def load_tokenizer(preset: str, configured_models_dir: str = ""):
     import keras_hub
 
+    if is_kaggle_preset(preset):
+        # Only the tokenizer's files: `preprocess` runs on a worker, which should not download the
+        # whole model (~5 GB for Gemma-2B) to count tokens.
+        handle = kaggle_handle(preset)
+        check_kaggle_credentials()
+        check_kaggle_reachable()
+        return keras_hub.models.Tokenizer.from_preset(f"kaggle://{handle}")
     return keras_hub.models.Tokenizer.from_preset(str(resolve_preset(preset, configured_models_dir)))
 
 

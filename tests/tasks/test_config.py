@@ -82,3 +82,20 @@ def test_cli_rejects_bad_value_with_its_name(tmp_path):
     assert out.returncode == 2
     assert "lora_rank" in out.stderr and "outside" in out.stderr
     assert not (tmp_path / "snapshot").exists()
+
+
+def test_kaggle_preset_fails_fast_without_credentials(monkeypatch, tmp_path):
+    import time
+
+    from tasks.models import ModelSourceError, load_tokenizer, preflight
+
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    started = time.time()
+    for call in (lambda: preflight("gemma_2b_en"), lambda: load_tokenizer("gemma_2b_en")):
+        with pytest.raises(ModelSourceError, match="KAGGLE_USERNAME"):
+            call()
+    with pytest.raises(ModelSourceError, match="not a keras-hub preset"):
+        preflight("gemma_99b_en")
+    assert time.time() - started < 10
