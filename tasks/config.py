@@ -40,6 +40,15 @@ class Config:
     dataset_revision: str = DOLLY_PINNED_REVISION
     # Seconds the hub may take to answer before the snapshot fails as unreachable.
     hub_timeout_s: float = 20.0
+    # Bad records (malformed JSON, invalid UTF-8, missing or mistyped fields, empty instruction or
+    # response, too large, duplicate, unknown category): "skip" drops and counts them by reason,
+    # "fail" stops the snapshot at the first one, naming its line and field.
+    bad_record_policy: str = "skip"
+    # With "skip": the snapshot still fails when more than this share of the records is bad (a
+    # broken upstream file should stop the run, not quietly train on what is left).
+    max_bad_share: float = 0.05
+    # A record (its JSON line, or its fields encoded as JSON) larger than this is bad ("too_large").
+    max_record_bytes: int = 100_000
 
     # -- preprocessing ---------------------------------------------------------------------
     drop_context: bool = True
@@ -71,6 +80,9 @@ class Config:
     # heldout_examples are there to score.
     eval_examples: int = 100
     log_every_steps: int = 1
+    # Steps between fine-tune checkpoints (LoRA weights, optimizer state, step, data order) that a
+    # retried task resumes from; 0 turns checkpoints off.
+    checkpoint_every_steps: int = 50
 
     # -- generation --------------------------------------------------------------------------
     prompt_suite: str = "v1"
@@ -99,10 +111,16 @@ class Config:
 
 
 FIELD_TYPES: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
-CHOICES: dict[str, tuple[str, ...]] = {"sampler": ("top_k", "greedy"), "loss_tokens": ("all", "response")}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "sampler": ("top_k", "greedy"),
+    "loss_tokens": ("all", "response"),
+    "bad_record_policy": ("skip", "fail"),
+}
 # (minimum, maximum) inclusive; None means unbounded.
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "hub_timeout_s": (1, 600),
+    "max_bad_share": (0.0, 1.0),
+    "max_record_bytes": (1, 1_000_000_000),
     "num_examples": (1, 1_000_000),
     "heldout_examples": (0, 100_000),
     "sequence_length": (8, 8192),
@@ -113,6 +131,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "batch_size": (1, 4096),
     "eval_examples": (0, 100_000),
     "log_every_steps": (1, 1_000_000),
+    "checkpoint_every_steps": (0, 1_000_000),
     "max_length": (8, 8192),
     "top_k": (1, 1_000_000),
     "generate_batch_size": (1, 4096),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tasks import storage
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
 from tasks.batching import encode
+from tasks.checkpoints import Checkpoints
 from tasks.heldout_eval import score_heldout
 
 log = logging.getLogger("gemma_pipeline")
@@ -39,28 +41,30 @@ CONFIG_KEYS = (
     "loss_tokens",
     "eval_examples",
 )
+# Retries resume from here: outside the stage's temp folder, which a failed attempt removes.
+CHECKPOINTS = "finetune.checkpoints"
 
 
-def make_progress_callback(total_steps: int, batch_sizes: list[int], every: int, history: list[dict]):
+def make_progress_callback(total_steps: int, sizes: list[int], every: int, history: list[dict], start_step: int = 0,
+                           on_step=None):
+    """Per-step loss from Keras's running means, a progress line a user sees in the task log, and
+    `on_step(step)` after each step (checkpointing). `sizes` are the batch sizes of the steps this
+    fit() call runs, which start after `start_step` (a resumed run)."""
     import keras
 
     class Progress(keras.callbacks.Callback):
-        """Per-step loss from Keras's running means, and a progress line a user sees in the task log."""
-
         def on_train_begin(self, logs=None):
             self.started = time.time()
-            self.step = 0
+            self.step = start_step
             self.seen = 0
             self.prev_mean = 0.0
 
         def on_train_batch_end(self, batch, logs=None):
             logs = logs or {}
-            b = batch_sizes[self.step % len(batch_sizes)]
+            b = sizes[self.step - start_step]
             self.step += 1
             mean = float(logs.get("loss", float("nan")))
-            if batch == 0:
-                self.seen, self.prev_mean = 0, 0.0
-            # Keras reports the epoch's running mean weighted by batch size; undo it for this step.
+            # Keras reports the running mean over this fit() call, weighted by batch size; undo it.
             step_loss = (mean * (self.seen + b) - self.prev_mean * self.seen) / b
             self.seen += b
             self.prev_mean = mean
@@ -74,12 +78,15 @@ def make_progress_callback(total_steps: int, batch_sizes: list[int], every: int,
                     "elapsed_s": round(elapsed, 3),
                 }
             )
+            done_here = self.step - start_step
             if self.step % every == 0 or self.step == total_steps:
-                eta = elapsed / self.step * (total_steps - self.step)
+                eta = elapsed / done_here * (total_steps - self.step)
                 log.info(
                     "finetune: step %d/%d loss %.4f (running %.4f) accuracy %.4f | %.2f s/step, ETA %.0f s",
-                    self.step, total_steps, step_loss, mean, history[-1]["accuracy_running"], elapsed / self.step, eta,
+                    self.step, total_steps, step_loss, mean, history[-1]["accuracy_running"], elapsed / done_here, eta,
                 )
+            if on_step is not None:
+                on_step(self.step)
 
     return Progress()
 
@@ -93,6 +100,44 @@ def describe_device() -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
     return {"gpus": names, "cpu_count": os.cpu_count(), "machine": platform.machine(), "tensorflow": tf.__version__}
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def epoch_orders(n: int, cfg: Config) -> list[list[int]]:
+    """A seeded permutation per epoch; recorded, so a resumed run sees the same order."""
+    orders = []
+    for epoch in range(cfg.epochs):
+        order = list(range(n))
+        random.Random(cfg.training_seed * 1000 + epoch).shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def batch_plan(n: int, cfg: Config) -> list[list[int]]:
+    """Every step's example indices, epoch after epoch (an epoch's last batch may be short)."""
+    return [order[i : i + cfg.batch_size] for order in epoch_orders(n, cfg) for i in range(0, n, cfg.batch_size)]
+
+
+def make_dataset(enc: dict, batches: list[list[int]]):
+    import numpy as np
+    import tensorflow as tf
+
+    def gen():
+        for idx in batches:
+            idx = np.asarray(idx)
+            x = {"token_ids": enc["token_ids"][idx], "padding_mask": enc["padding_mask"][idx]}
+            yield x, enc["labels"][idx], enc["weights"][idx]
+
+    length = enc["token_ids"].shape[1]
+    spec = (
+        {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.bool)},
+        tf.TensorSpec((None, length), tf.int32),
+        tf.TensorSpec((None, length), tf.float32),
+    )
+    return tf.data.Dataset.from_generator(gen, output_signature=spec)
 
 
 def build_optimizer(cfg: Config):
@@ -116,48 +161,57 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         heldout = storage.read_jsonl(pre_dir / "heldout.jsonl")[: cfg.eval_examples]
         # Seed before the model (and its tokenizer) is built.
         keras.utils.set_random_seed(cfg.training_seed)
-        order = list(range(len(train)))
-        random.Random(cfg.training_seed).shuffle(order)
-        train = [train[i] for i in order]
+        ckpt = Checkpoints(checkpoint_dir(run_dir), fp)
+        resume = ckpt.latest()
 
         t0 = time.time()
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir, cfg.sequence_length)
         load_s = time.time() - t0
-        base_scores = score_heldout(lm, heldout, cfg.sequence_length)
+        base_scores = resume["base_scores"] if resume else score_heldout(lm, heldout, cfg.sequence_length)
         log.info("finetune: base model on %d held-out examples: %s", len(heldout), base_scores)
 
         enc = encode(lm.preprocessor.tokenizer, train, cfg.sequence_length, cfg.loss_tokens)
         base_params = int(lm.backbone.count_params())
         lm.backbone.enable_lora(rank=cfg.lora_rank)
         trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
+        optimizer = build_optimizer(cfg)
         lm.compile(
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            optimizer=build_optimizer(cfg),
+            optimizer=optimizer,
             weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
             jit_compile=cfg.jit_compile,
         )
-        steps_per_epoch = -(-len(train) // cfg.batch_size)
-        sizes = [cfg.batch_size] * (steps_per_epoch - 1) + [len(train) - cfg.batch_size * (steps_per_epoch - 1)]
-        total = steps_per_epoch * cfg.epochs
+        batches = batch_plan(len(train), cfg)
+        total = len(batches)
+        orders = epoch_orders(len(train), cfg)
+        history: list[dict] = []
+        start = 0
+        if resume:
+            start = resume["step"]
+            ckpt.restore(resume, lm, optimizer)
+            history = resume["history"]
+            log.info("finetune: RESUMING from the checkpoint at step %d/%d (%s)", start, total, resume["dir"])
         log.info(
             "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA rank %d: %s trainable weights",
             len(train), cfg.batch_size, cfg.epochs, total, cfg.lora_rank, f"{trainable:,}",
         )
-        history: list[dict] = []
+
+        def on_step(step: int) -> None:
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total:
+                ckpt.save(step, lm, optimizer, history, base_scores, orders, train)
+
         # The batches are already token ids: detach the string preprocessor while fitting.
         preprocessor, lm.preprocessor = lm.preprocessor, None
         t1 = time.time()
         try:
-            lm.fit(
-                x={"token_ids": enc["token_ids"], "padding_mask": enc["padding_mask"]},
-                y=enc["labels"],
-                sample_weight=enc["weights"],
-                epochs=cfg.epochs,
-                batch_size=cfg.batch_size,
-                shuffle=False,  # the order above is seeded and recorded
-                verbose=0,
-                callbacks=[make_progress_callback(total, sizes, cfg.log_every_steps, history)],
-            )
+            if start < total:
+                lm.fit(
+                    make_dataset(enc, batches[start:]),
+                    epochs=1,
+                    verbose=0,
+                    callbacks=[make_progress_callback(total, [len(b) for b in batches[start:]], cfg.log_every_steps,
+                                                      history, start, on_step)],
+                )
         finally:
             lm.preprocessor = preprocessor
         train_s = time.time() - t1
@@ -173,13 +227,14 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "trainable_parameters": trainable,
             "steps": len(history),
             "examples": len(train),
-            "data_order": [r["id"] for r in train],
+            "resumed_from_step": start or None,
+            "data_order": [[train[i]["id"] for i in order] for order in orders],
             "config": cfg.subset(CONFIG_KEYS),
             "timings_s": {"load": round(load_s, 2), "train": round(train_s, 2)},
             "tokens": {
                 "real": real_tokens,
                 "padded": cfg.sequence_length * len(train) * cfg.epochs,
-                "real_per_s": round(real_tokens / train_s, 1),
+                "real_per_s": round(real_tokens * (total - start) / total / train_s, 1) if train_s else None,
             },
             "heldout_base": base_scores,
             "heldout_tuned": tuned_scores,
@@ -199,7 +254,12 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         }
 
     fp = fingerprint(STAGE, prep["fingerprint"], cfg.subset(CONFIG_KEYS))
-    return storage.run_stage(run_dir, STAGE, fp, body, force)
+    if force:
+        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+    result = storage.run_stage(run_dir, STAGE, fp, body, force)
+    # Published: the adapter is safe, the checkpoints have done their job.
+    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+    return result
 
 
 def main(argv=None) -> dict:

@@ -70,6 +70,25 @@ def require(run_dir: Path, stage: str, needed_by: str) -> dict:
     return done
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(run_dir: Path, stage: str) -> None:
+    """Temp folders of attempts that were killed (their process is gone): never read, so remove."""
+    for tmp in Path(run_dir).glob(f".{stage}.*-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("stage %s: removing %s left by a killed attempt", stage, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_stage(
     run_dir: Path,
     stage: str,
@@ -86,6 +105,7 @@ def run_stage(
         log.info("stage %s: outputs in %s are complete and inputs unchanged; nothing to do", stage, final)
         return done["result"]
 
+    remove_stale_temps(run_dir, stage)
     tmp = run_dir / f".{stage}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -1,0 +1,92 @@
+"""Faults a real run meets: a fine-tune killed mid-run (a preempted pod), retried."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tasks import preprocess, snapshot
+from tasks.config import load_config
+
+SETTINGS = {"num_examples": "64", "heldout_examples": "8", "eval_examples": "8", "batch_size": "2",
+            "epochs": "2", "checkpoint_every_steps": "4", "sequence_length": "32", "log_every_steps": "4"}
+TOTAL_STEPS = 64  # 64 examples / batch 2 x 2 epochs
+
+
+def argv(run_dir):
+    out = [sys.executable, "-m", "tasks.finetune", "--config", "tiny_test", "--run-dir", str(run_dir)]
+    for k, v in SETTINGS.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def prepare(run_dir):
+    cfg = load_config("tiny_test", SETTINGS)
+    snapshot.run(cfg, run_dir)
+    preprocess.run(cfg, run_dir)
+
+
+def lora_weights(path):
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, np.array(obj)) if hasattr(obj, "shape") else None)
+    return out
+
+
+def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
+    killed, clean = tmp_path / "runs" / "killed", tmp_path / "runs" / "clean"
+    prepare(killed)
+    prepare(clean)
+    latest = killed / "finetune.checkpoints" / "latest.json"
+
+    proc = subprocess.Popen(argv(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 12:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fine-tune finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)  # what a preempted node does: no cleanup
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 12 <= killed_at < TOTAL_STEPS
+    # Nothing half-written is visible: no finetune/ folder, only a temp folder of the dead attempt.
+    assert not (killed / "finetune").exists()
+    assert (killed / "preprocess" / "_SUCCESS").is_file()
+
+    retry = subprocess.run(argv(killed), capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert f"RESUMING from the checkpoint at step {killed_at}/{TOTAL_STEPS}" in retry.stderr
+    result = json.loads((killed / "finetune" / "result.json").read_text())
+    history = json.loads((killed / "finetune" / "history.json").read_text())
+    assert result["steps"] == TOTAL_STEPS and result["resumed_from_step"] == killed_at
+    assert [h["step"] for h in history] == list(range(1, TOTAL_STEPS + 1))  # one continuous curve
+    assert not list(killed.glob(".finetune.tmp-*")) and not (killed / "finetune.checkpoints").exists()
+
+    # The resumed run ends where an uninterrupted one does.
+    subprocess.run(argv(clean), capture_output=True, check=True, timeout=600)
+    a = lora_weights(killed / "finetune" / "adapter.lora.h5")
+    b = lora_weights(clean / "finetune" / "adapter.lora.h5")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
+    clean_history = json.loads((clean / "finetune" / "history.json").read_text())
+    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in clean_history], atol=1e-3)
+
+
+def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    prepare(run_dir)
+    ckpt = run_dir / "finetune.checkpoints"
+    ckpt.mkdir()
+    (ckpt / "latest.json").write_text(json.dumps({"dir": "step-0000004", "step": 4, "fingerprint": "other-inputs"}))
+    out = subprocess.run(argv(run_dir), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ignoring checkpoints" in out.stderr and "RESUMING" not in out.stderr
+    assert json.loads((run_dir / "finetune" / "result.json").read_text())["resumed_from_step"] is None
