@@ -1,5 +1,8 @@
 """Gemma LoRA fine-tune: snapshot -> preprocess -> finetune -> generate -> report -> promote.
 
+`snapshot_changed`, a leaf beside `preprocess`, emits the dataset's Asset event only when the
+snapshot's content changed (skipped otherwise).
+
 This file only wires. Each task runs `python -m tasks.<stage> --config C --run-dir D --set k=v ...`
 (the same argv whichever runner runs it); the stages live in the `tasks` package. `promote` is
 skipped when the quality gate fails: the report says why. Parsing imports no
@@ -10,11 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from tasks.airflow_settings import DAG_ID, run_dir_for, run_root, setting
 from tasks.cli import stage_argv
-from tasks.config import CHOICES, PROMPT_SUITE_DIR, RANGES, read_config_file
+from tasks.config import CHOICES, PROMPT_SUITE_DIR, RANGES, Config, read_config_file
+from tasks.snapshot import asset_uri
 
 
 RUNNER = setting("runner", "local")
@@ -24,11 +28,14 @@ CONFIG = setting("config", "cpu_demo" if RUNNER == "local" else "gemma_2b_lora")
 RUN_ROOT = str(run_root())
 DEFAULTS = read_config_file(CONFIG)
 STAGES = ("snapshot", "preprocess", "finetune", "generate", "report", "promote")
+# Gets an event when a run's snapshot differs from the dataset's latest one (see snapshot_changed).
+SNAPSHOT_ASSET = Asset(asset_uri(DEFAULTS.get("dataset_hub_id", Config.dataset_hub_id)))
 
 
 def _number(key: str, kind: str, description: str) -> Param:
     lo, hi = RANGES[key]
-    return Param(DEFAULTS[key], type=kind, minimum=lo, maximum=hi, description=description)
+    # Keys a config file leaves out take the Config class's default, as the task does.
+    return Param(DEFAULTS.get(key, getattr(Config, key)), type=kind, minimum=lo, maximum=hi, description=description)
 
 
 def _suites() -> list[str]:
@@ -40,6 +47,11 @@ PARAMS = {
         DEFAULTS.get("dataset_source", "bundled"), type="string", minLength=1,
         description="'hub' (Dolly from the Hugging Face hub, pinned revision), 'bundled' (the sample in the image) or a path to a .jsonl/.parquet file",
     ),
+    "bad_record_policy": Param(
+        DEFAULTS.get("bad_record_policy", Config.bad_record_policy), type="string", enum=list(CHOICES["bad_record_policy"]),
+        description="bad dataset records: 'skip' drops and counts them (the run fails above max_bad_share), 'fail' stops at the first one",
+    ),
+    "max_bad_share": _number("max_bad_share", "number", "with 'skip': the largest share of bad records (0-1) a snapshot accepts"),
     "num_examples": _number("num_examples", "integer", "training examples drawn (seeded) from the usable rows"),
     "heldout_examples": _number("heldout_examples", "integer", "held-out examples kept for evaluation, disjoint from training"),
     "sequence_length": _number("sequence_length", "integer", "tokens per training example; longer ones are truncated"),
@@ -106,6 +118,19 @@ def gemma_lora_finetune():
     def snapshot() -> dict:
         return run_locally("snapshot")
 
+    @task(outlets=[SNAPSHOT_ASSET], execution_timeout=dt.timedelta(minutes=5))
+    def snapshot_changed(snap: dict) -> dict:
+        """A task with outlets emits its Asset event on every success; skipped, it emits none."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if not snap["changed"]:
+            raise AirflowSkipException(
+                f"dataset unchanged (sha256 {snap['sha256'][:16]}): snapshot {snap['snapshot_id']} reused, no asset event"
+            )
+        extra = {k: snap[k] for k in ("sha256", "row_count", "revision", "snapshot_id", "rows_added", "rows_removed", "rows_changed")}
+        get_current_context()["outlet_events"][SNAPSHOT_ASSET].extra = extra
+        return extra
+
     @task(execution_timeout=TIMEOUTS["preprocess"])
     def preprocess() -> dict:
         return run_locally("preprocess")
@@ -140,7 +165,9 @@ def gemma_lora_finetune():
         answered = gpu_stage_operator("generate", templated_argv("generate"), TIMEOUTS["generate"])
     else:
         tuned, answered = finetune(), generate()
-    snapshot() >> preprocess() >> tuned >> answered >> report() >> promote()
+    snap = snapshot()
+    snapshot_changed(snap)
+    snap >> preprocess() >> tuned >> answered >> report() >> promote()
 
 
 gemma_lora_finetune()

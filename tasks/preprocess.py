@@ -1,11 +1,12 @@
 """python -m tasks.preprocess --config cpu_demo --run-dir DIR [--set num_examples=200]
 
 Stage 2: turn the snapshot into training and held-out examples. Drops rows that have a `context`
-(the seed's choice; `drop_context: false` keeps them), drops rows with an empty instruction or
-response and exact duplicates, applies the template `Instruction:\n{instruction}\n\nResponse:\n{response}`,
-draws a seeded held-out split (kept with its reference responses) and, disjoint from it, a seeded
-training subset. Token lengths are measured with the model's own tokenizer; the manifest records how
-many examples exceed the sequence length (they are truncated in training) and every drop by reason.
+(the seed's choice; `drop_context: false` keeps them; empty instructions or responses and exact
+duplicates never get here: the snapshot drops and counts them as bad records), applies the template
+`Instruction:\n{instruction}\n\nResponse:\n{response}`, draws a seeded held-out split (kept with its
+reference responses) and, disjoint from it, a seeded training subset. Token lengths are measured
+with the model's own tokenizer; the manifest records how many examples exceed the sequence length
+(they are truncated in training) and every drop by reason.
 """
 
 from __future__ import annotations
@@ -36,18 +37,14 @@ def format_prompt(instruction: str) -> str:
 
 
 def filter_records(records: list[dict], drop_context: bool) -> tuple[list[dict], dict[str, int]]:
-    kept, dropped, seen = [], collections.Counter(), set()
+    # Only the recipe's choice is made here. Empty instructions or responses and duplicates are bad
+    # records, dropped and counted by the snapshot (its manifest's `validation`), so each is counted
+    # once, there; a snapshot's records.jsonl holds none of them.
+    kept, dropped = [], collections.Counter()
     for rec in records:
         if drop_context and rec["context"].strip():
             dropped["has_context"] += 1
-        elif not rec["instruction"].strip():
-            dropped["empty_instruction"] += 1
-        elif not rec["response"].strip():
-            dropped["empty_response"] += 1
-        elif rec["id"] in seen:
-            dropped["duplicate"] += 1
         else:
-            seen.add(rec["id"])
             kept.append(rec)
     return kept, dict(sorted(dropped.items()))
 

@@ -1,24 +1,33 @@
 """python -m tasks.snapshot --config cpu_demo --run-dir DIR [--set dataset_source=PATH]
 
 Stage 1: take a snapshot of Databricks Dolly 15k, from the Hugging Face hub at a pinned revision
-(through `datasets`), from a local JSONL/JSON/Parquet file, or from the sample bundled in tasks/data.
-Writes `snapshot/records.jsonl` (Dolly's four fields plus a stable record id, one canonical JSON
-object a line) and `snapshot/manifest.json` (source, revision, row count, sha256 of the content,
-per-category counts). Offline, the hub path fails within seconds and says how to use a file instead.
+(through `datasets`), from a local JSONL/Parquet file, or from the sample bundled in tasks/data.
+Runs the preflight checks first. Validates every record (bad_record_policy: skip and count, or fail
+on the first bad one). Writes `snapshot/records.jsonl` (Dolly's four fields plus a stable record id,
+one canonical JSON object a line) and `snapshot/manifest.json` (source, revision, row count, sha256
+of the content, per-category counts, bad records by reason, preflight result, and whether the
+content changed since the dataset's latest snapshot in the shared store, with rows added, removed
+and changed). Offline, the hub path fails within seconds and says how to use a file instead.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import socket
+import time
 from pathlib import Path
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
-from tasks import storage
+from tasks import preflight, storage
 from tasks.cli import stage_main
 from tasks.config import BUNDLED_DOLLY, Config, fingerprint
 
@@ -36,10 +45,25 @@ CATEGORIES = (
     "summarization",
     "creative_writing",
 )
+# Config keys that change what the snapshot keeps, so a change redoes it.
+VALIDATION_KEYS = ("bad_record_policy", "max_bad_share", "max_record_bytes")
+MAX_BAD_EXAMPLES = 10  # bad records listed in the manifest (where and why, never their text)
+CHANGE_EXAMPLES = 5  # example ids per kind of change vs the previous snapshot
+REF_MARK = re.compile(r"\[(?:\d+|[a-z])\]")
+LATEST = "LATEST.json"
 
 
 class SnapshotError(RuntimeError):
     """The dataset could not be read; the message names the source, record and field."""
+
+
+class BadRecord(Exception):
+    """One record fails validation: `reason` is a fixed word (counted), `detail` says what is wrong
+    without quoting the record's text (it goes into logs and the manifest)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
 def record_id(rec: dict) -> str:
@@ -48,42 +72,134 @@ def record_id(rec: dict) -> str:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()[:12]
 
 
-def normalise(raw: object, where: str) -> dict:
+def check_record(raw: object) -> dict:
+    """Dolly's four fields plus the id, or BadRecord. Extra fields are ignored."""
     if not isinstance(raw, dict):
-        raise SnapshotError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        raise BadRecord("wrong_type", f"expected a JSON object, got {type(raw).__name__}")
     rec = {}
     for field in FIELDS:
         value = raw.get(field, "" if field == "context" else None)
         if value is None:
-            raise SnapshotError(f"{where}: missing field '{field}'")
+            raise BadRecord("missing_field", f"missing field '{field}'")
         if not isinstance(value, str):
-            raise SnapshotError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+            raise BadRecord("wrong_type", f"field '{field}' must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Valid JSON ("\ud800" escapes) but not text: it would fail later, when written out.
+            raise BadRecord("invalid_utf8", f"field '{field}' holds a lone surrogate, not valid UTF-8") from None
         rec[field] = value
+    if not rec["instruction"].strip():
+        raise BadRecord("empty_instruction", "field 'instruction' is empty")
+    if not rec["response"].strip():
+        raise BadRecord("empty_response", "field 'response' is empty")
+    if rec["category"] not in CATEGORIES:
+        raise BadRecord("unknown_category", f"field 'category' is {rec['category'][:40]!r}, not one of {list(CATEGORIES)}")
     rec["id"] = record_id(rec)
     return rec
 
 
-def read_local(path: Path) -> list[dict]:
+def jsonl_rows(path: Path, max_bytes: int) -> Iterator[tuple[str, object]]:
+    """(where, parsed object or BadRecord) for each non-blank line."""
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # a blank line (e.g. a trailing newline) is not a record
+            yield f"line {lineno}", parse_line(line, max_bytes)
+
+
+def parse_line(line: bytes, max_bytes: int) -> object:
+    size = len(line.rstrip(b"\r\n"))
+    if size > max_bytes:
+        return BadRecord("too_large", f"{size:,} bytes, more than max_record_bytes ({max_bytes:,})")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRecord("invalid_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRecord("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+def object_rows(rows: Iterable[object], max_bytes: int) -> Iterator[tuple[str, object]]:
+    """(where, row or BadRecord) for rows that arrive parsed (Parquet, the hub); size = as JSON."""
+    for i, raw in enumerate(rows, start=1):
+        size = len(json.dumps(raw, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raw = BadRecord("too_large", f"{size:,} bytes as JSON, more than max_record_bytes ({max_bytes:,})")
+        yield f"row {i}", raw
+
+
+def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config) -> tuple[list[dict], dict]:
+    """Validate every record under `bad_record_policy`; the good records and a validation summary.
+
+    Duplicates (same instruction, context and response, i.e. the same id) are bad records here, and so
+    are empty instructions and responses: the snapshot is the one place that counts them (preprocess
+    no longer checks them), so each bad record is counted once, under one reason.
+    """
+    records: list[dict] = []
+    first_seen: dict[str, str] = {}
+    bad: collections.Counter = collections.Counter()
+    examples: list[dict] = []
+    rows_read = 0
+    for where, raw in rows:
+        rows_read += 1
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            rec = check_record(raw)
+            if rec["id"] in first_seen:
+                raise BadRecord("duplicate", f"same instruction, context and response as {first_seen[rec['id']]}")
+        except BadRecord as e:
+            if cfg.bad_record_policy == "fail":
+                raise SnapshotError(
+                    f"{source} {where}: {e.detail} [{e.reason}] (bad_record_policy=fail stops at the first bad "
+                    "record; 'skip' drops and counts them)"
+                ) from None
+            bad[e.reason] += 1
+            if len(examples) < MAX_BAD_EXAMPLES:
+                examples.append({"where": where, "reason": e.reason, "detail": e.detail})
+            continue
+        first_seen[rec["id"]] = where
+        records.append(rec)
+    n_bad = sum(bad.values())
+    share = n_bad / rows_read if rows_read else 0.0
+    summary = {
+        "policy": cfg.bad_record_policy,
+        "max_bad_share": cfg.max_bad_share,
+        "max_record_bytes": cfg.max_record_bytes,
+        "rows_read": rows_read,
+        "rows_bad": n_bad,
+        "bad_share": round(share, 6),
+        "bad_by_reason": dict(sorted(bad.items())),
+        "bad_examples": examples,
+    }
+    if share > cfg.max_bad_share:
+        counts = ", ".join(f"{reason} {n}" for reason, n in bad.most_common())
+        first = "; ".join(f"{x['where']}: {x['detail']} [{x['reason']}]" for x in examples[:3])
+        raise SnapshotError(
+            f"{source}: {n_bad} of {rows_read} records are bad ({share:.1%}), more than max_bad_share "
+            f"({cfg.max_bad_share:.1%}). By reason: {counts}. First: {first}. Fix the source, or raise "
+            "max_bad_share if skipping them is right"
+        )
+    if n_bad:
+        log.warning("snapshot: skipped %d bad records of %d (%.2f%%): %s", n_bad, rows_read, 100 * share, summary["bad_by_reason"])
+    return records, summary
+
+
+def read_local(path: Path, cfg: Config) -> tuple[list[dict], dict]:
     if not path.is_file():
         raise SnapshotError(f"dataset file not found: {path}")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # comes with `datasets`
 
-        rows = pq.read_table(path).to_pylist()
-        return [normalise(r, f"{path} row {i + 1}") for i, r in enumerate(rows)]
-    records = []
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise SnapshotError(f"{path} line {lineno}: not valid UTF-8 ({e.reason})") from e
-            except json.JSONDecodeError as e:
-                raise SnapshotError(f"{path} line {lineno}: malformed JSON ({e.msg})") from e
-            records.append(normalise(raw, f"{path} line {lineno}"))
-    return records
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise SnapshotError(f"{path}: not a readable Parquet file ({e})") from e
+        return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg)
+    return collect(jsonl_rows(path, cfg.max_record_bytes), str(path), cfg)
 
 
 def hub_endpoint() -> str:
@@ -105,7 +221,7 @@ def check_hub_reachable(timeout_s: float) -> None:
         raise SnapshotError(f"the Hugging Face hub at {host}:{port} is unreachable ({e}); {hint}") from e
 
 
-def read_hub(cfg: Config) -> tuple[list[dict], str]:
+def read_hub(cfg: Config) -> tuple[list[dict], dict, str]:
     check_hub_reachable(cfg.hub_timeout_s)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(cfg.hub_timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(cfg.hub_timeout_s)))
@@ -117,8 +233,8 @@ def read_hub(cfg: Config) -> tuple[list[dict], str]:
     commit = info.sha or cfg.dataset_revision
     log.info("snapshot: downloading %s at commit %s", cfg.dataset_hub_id, commit)
     ds = datasets.load_dataset(cfg.dataset_hub_id, revision=commit, split="train")
-    records = [normalise(r, f"{cfg.dataset_hub_id}@{commit} row {i + 1}") for i, r in enumerate(ds)]
-    return records, commit
+    records, validation = collect(object_rows(ds, cfg.max_record_bytes), f"{cfg.dataset_hub_id}@{commit}", cfg)
+    return records, validation, commit
 
 
 def content_sha256(records: list[dict]) -> str:
@@ -145,22 +261,169 @@ def source_of(cfg: Config) -> tuple[str, Path | None]:
     return "file", Path(cfg.dataset_source).resolve()
 
 
+# -- the snapshot store: one folder per dataset beside the run folders, shared by all runs ----------
+#
+# <run root>/runs/snapshots/<dataset slug>/
+#     LATEST.json            the latest snapshot: id, sha256, what changed vs the one before, which run
+#     <sha256[:16]>/         one published snapshot: records.jsonl, manifest.json, _SUCCESS (last)
+#
+# A snapshot folder is named by its content, so content seen before (A -> B -> A) reuses its folder.
+
+
+def dataset_slug(hub_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "--", hub_id).strip("-.") or "dataset"
+
+
+def asset_uri(hub_id: str) -> str:
+    """The Airflow Asset that gets an event when this dataset's latest snapshot changes."""
+    return f"gemma://snapshots/{dataset_slug(hub_id)}"
+
+
+def store_dir(cfg: Config, run_dir: Path) -> Path:
+    # Run folders live in <run root>/runs/<run id>, so this is <run root>/runs/snapshots/<slug>;
+    # the report's history scan skips folders without report/_SUCCESS, so it ignores this one.
+    return Path(run_dir).resolve().parent / "snapshots" / dataset_slug(cfg.dataset_hub_id)
+
+
+@contextlib.contextmanager
+def store_lock(store: Path):
+    """Two runs snapshotting at once must not both decide they are the first to see new content."""
+    store.mkdir(parents=True, exist_ok=True)
+    with (store / ".lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def change_key(rec: dict) -> str:
+    """What makes a removed and an added record "the same record, changed": the same instruction,
+    ignoring whitespace and Wikipedia reference marks such as [16] or [a] (Dolly's May 2023 revision
+    removed those marks, from 5 instructions too). The category is not part of the key: that
+    revision also moved 128 records to open_qa when it dropped their context."""
+    return " ".join(REF_MARK.sub("", rec["instruction"]).split())
+
+
+def diff(previous: list[dict], current: list[dict]) -> dict:
+    """Rows added, removed and changed between two snapshots, with a few example ids.
+
+    Ids are content hashes of instruction, context and response, so an edited record appears as one
+    id removed and one id added; pairing those by `change_key` counts it once, as changed. A record
+    whose category alone changed keeps its id and counts as changed too.
+    """
+    before = {r["id"]: r for r in previous}
+    after = {r["id"]: r for r in current}
+    removed = [i for i in before if i not in after]
+    added = [i for i in after if i not in before]
+    changed = [(i, i) for i in after if i in before and after[i]["category"] != before[i]["category"]]
+    candidates = collections.defaultdict(list)
+    for i in removed:
+        candidates[change_key(before[i])].append(i)
+    for i in added:
+        olds = candidates.get(change_key(after[i]))
+        if olds:
+            changed.append((olds.pop(0), i))
+    paired_old, paired_new = {a for a, _ in changed}, {b for _, b in changed}
+    removed = [i for i in removed if i not in paired_old]
+    added = [i for i in added if i not in paired_new]
+    return {
+        "rows_added": len(added),
+        "rows_removed": len(removed),
+        "rows_changed": len(changed),
+        "examples": {
+            "added": added[:CHANGE_EXAMPLES],
+            "removed": removed[:CHANGE_EXAMPLES],
+            "changed": [{"from": a, "to": b} for a, b in changed[:CHANGE_EXAMPLES]],
+        },
+    }
+
+
+def refresh_store(store: Path, records_file: Path, records: list[dict], manifest: dict, run_dir: Path) -> dict:
+    """Reuse the latest snapshot when the content is the same; else publish a new one and point
+    LATEST.json at it. Returns what the run's manifest says about it."""
+    run = str(Path(run_dir).resolve())
+    sha = manifest["sha256"]
+    with store_lock(store):
+        storage.remove_stale_temps(store, ".*.tmp-*")
+        latest_file = store / LATEST
+        latest = storage.read_json(latest_file) if latest_file.is_file() else None
+        if latest and latest["sha256"] == sha:
+            if latest["updated_by_run"] == run:
+                # This run published it and then died before its own stage was published: a retry
+                # must still report "changed", or the Asset event would be lost.
+                log.info("snapshot: %s was published by an earlier attempt of this run", latest["snapshot_id"])
+                return {**{k: latest[k] for k in ("snapshot_id", "previous_snapshot_id", "changes")}, "changed": True}
+            log.info("snapshot: content unchanged (sha256 %s): reusing snapshot %s", sha[:16], latest["snapshot_id"])
+            return {
+                "changed": False,
+                "snapshot_id": latest["snapshot_id"],
+                "previous_snapshot_id": latest["snapshot_id"],
+                "changes": {"rows_added": 0, "rows_removed": 0, "rows_changed": 0, "examples": {}},
+            }
+        snapshot_id = sha[:16]
+        previous_id = latest["snapshot_id"] if latest else None
+        if previous_id and not (store / previous_id / storage.SUCCESS).is_file():
+            # Someone pruned the store: nothing to compare with, so count this one as the first.
+            log.warning("snapshot: previous snapshot %s is gone from %s; not comparing", previous_id, store)
+            previous_id = None
+        previous = storage.read_jsonl(store / previous_id / "records.jsonl") if previous_id else []
+        changes = diff(previous, records)
+        target = store / snapshot_id
+        if not (target / storage.SUCCESS).is_file():  # else: this content was published before (A -> B -> A)
+            tmp = store / f".{snapshot_id}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                shutil.copyfile(records_file, tmp / "records.jsonl")
+                storage.write_json(tmp / "manifest.json", {**manifest, "published_by_run": run})
+                storage.write_json(tmp / storage.SUCCESS, {"sha256": sha, "finished_at": time.time()})
+                shutil.rmtree(target, ignore_errors=True)  # only a folder without _SUCCESS: never read
+                os.rename(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        # LATEST.json last, replaced in one rename: readers see the old or the new pointer, whole.
+        storage.write_json(
+            latest_file,
+            {
+                "snapshot_id": snapshot_id,
+                "sha256": sha,
+                "row_count": manifest["row_count"],
+                "previous_snapshot_id": previous_id,
+                "changes": changes,
+                "updated_by_run": run,
+                "updated_at": time.time(),
+            },
+        )
+        log.info(
+            "snapshot: published %s (previous %s): %d rows added, %d removed, %d changed",
+            target, previous_id, changes["rows_added"], changes["rows_removed"], changes["rows_changed"],
+        )
+        return {"changed": True, "snapshot_id": snapshot_id, "previous_snapshot_id": previous_id, "changes": changes}
+
+
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    # Seconds-long checks first (model source, Kaggle credentials, prompt suite, sequence length):
+    # a run that cannot finish stops here, before any reading and before any GPU pod is requested.
+    # They run on every attempt, also when the snapshot itself is already done.
+    checked = preflight.check(cfg)
     kind, path = source_of(cfg)
     # A local file is identified by its bytes; a hub snapshot by the pinned revision.
     ident = file_sha256(path) if path else f"{cfg.dataset_hub_id}@{cfg.dataset_revision}"
+    store = store_dir(cfg, run_dir)
 
     def body(out: Path) -> dict:
         if kind == "hub":
-            records, revision = read_hub(cfg)
+            records, validation, revision = read_hub(cfg)
             source = f"hf://datasets/{cfg.dataset_hub_id}"
         else:
             log.info("snapshot: reading %s", path)
-            records = read_local(path)
+            records, validation = read_local(path, cfg)
             revision = f"file-sha256:{ident[:16]}"
             source = str(path)
         if not records:
-            raise SnapshotError(f"dataset source {source} holds no records")
+            raise SnapshotError(f"dataset source {source} holds no usable records ({validation['bad_by_reason']})")
         storage.write_jsonl(out / "records.jsonl", records)
         cats = collections.Counter(r["category"] for r in records)
         manifest = {
@@ -172,14 +435,20 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "sha256": content_sha256(records),
             "category_counts": dict(sorted(cats.items())),
             "rows_with_context": sum(1 for r in records if r["context"].strip()),
+            "validation": validation,
+            "preflight": checked,
         }
+        # The store last: everything before can fail without touching what other runs read.
+        manifest.update(refresh_store(store, out / "records.jsonl", records, manifest, run_dir), store=str(store))
         storage.write_json(out / "manifest.json", manifest)
         log.info(
             "snapshot: %d records, sha256 %s, categories %s", len(records), manifest["sha256"][:16], manifest["category_counts"]
         )
-        return {k: manifest[k] for k in ("source", "revision", "row_count", "sha256")}
+        result = {k: manifest[k] for k in ("source", "revision", "row_count", "sha256", "changed", "snapshot_id")}
+        return dict(result, rows_bad=validation["rows_bad"], **{k: v for k, v in manifest["changes"].items() if k != "examples"})
 
-    return storage.run_stage(run_dir, STAGE, fingerprint(STAGE, kind, ident), body, force)
+    fp = fingerprint(STAGE, kind, ident, cfg.subset(VALIDATION_KEYS))
+    return storage.run_stage(run_dir, STAGE, fp, body, force)
 
 
 def main(argv=None) -> dict:

@@ -80,12 +80,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(run_dir: Path, stage: str) -> None:
-    """Temp folders of attempts that were killed (their process is gone): never read, so remove."""
-    for tmp in Path(run_dir).glob(f".{stage}.*-*"):
+def remove_stale_temps(directory: Path, pattern: str) -> None:
+    """Temp folders (named `...-<pid>`) of attempts that were killed: never read, so remove."""
+    for tmp in Path(directory).glob(pattern):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            log.info("stage %s: removing %s left by a killed attempt", stage, tmp)
+            log.info("removing %s left by a killed attempt", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -105,7 +105,7 @@ def run_stage(
         log.info("stage %s: outputs in %s are complete and inputs unchanged; nothing to do", stage, final)
         return done["result"]
 
-    remove_stale_temps(run_dir, stage)
+    remove_stale_temps(run_dir, f".{stage}.*-*")
     tmp = run_dir / f".{stage}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -12,6 +12,8 @@ from tasks.config import load_config, read_config_file
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
 STAGES = ["snapshot", "preprocess", "finetune", "generate", "report", "promote"]
+# A leaf beside the chain: emits the dataset's Asset event only when the snapshot changed.
+LEAVES = {"snapshot_changed": "snapshot"}
 ML_LIBS = ("tensorflow", "keras", "keras_hub", "keras_nlp", "datasets", "kagglehub", "jax", "torch")
 
 
@@ -25,9 +27,16 @@ def dag(airflow_db):
 
 
 def test_edges_are_exactly_the_stage_chain(dag):
-    assert sorted(t.task_id for t in dag.tasks) == sorted(STAGES)
+    assert sorted(t.task_id for t in dag.tasks) == sorted(STAGES + list(LEAVES))
     edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
-    assert edges == set(zip(STAGES, STAGES[1:]))
+    assert edges == set(zip(STAGES, STAGES[1:])) | {(up, leaf) for leaf, up in LEAVES.items()}
+
+
+def test_only_snapshot_changed_produces_the_dataset_asset(dag):
+    from tasks.snapshot import asset_uri
+
+    outlets = {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks if t.outlets}
+    assert outlets == {"snapshot_changed": [asset_uri(load_config("tiny_test").dataset_hub_id)]}
 
 
 def test_schedule_timeouts_and_params(dag):
@@ -36,16 +45,19 @@ def test_schedule_timeouts_and_params(dag):
     defaults = read_config_file("tiny_test")  # conftest sets GEMMA_CONFIG=tiny_test
     params = dag.params.dump()
     for key in ("dataset_source", "num_examples", "sequence_length", "lora_rank", "learning_rate", "weight_decay",
-                "epochs", "batch_size", "model_preset", "prompt_suite"):
+                "epochs", "batch_size", "model_preset", "prompt_suite", "bad_record_policy", "max_bad_share"):
         assert key in params
         if key in defaults:
             assert params[key] == defaults[key], key
+    cfg = load_config("tiny_test")  # keys the config file leaves out: the Config default, as in the task
+    assert (params["bad_record_policy"], params["max_bad_share"]) == (cfg.bad_record_policy, cfg.max_bad_share) == ("skip", 0.05)
 
 
 def test_param_schema_rejects_out_of_range(dag):
     from airflow.sdk.exceptions import ParamValidationError
 
-    for key, bad in (("lora_rank", 0), ("learning_rate", -1.0), ("prompt_suite", "v999"), ("sampler", "beam")):
+    for key, bad in (("lora_rank", 0), ("learning_rate", -1.0), ("prompt_suite", "v999"), ("sampler", "beam"),
+                     ("bad_record_policy", "ignore"), ("max_bad_share", 1.5)):
         with pytest.raises(ParamValidationError, match=key):
             params = copy.deepcopy(dag.params)
             params[key] = bad

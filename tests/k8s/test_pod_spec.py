@@ -204,8 +204,9 @@ def test_dag_parses_in_kubernetes_mode_with_the_same_tasks_and_edges(k8s_dag_mod
     k8s = parse_in_subprocess(kubernetes_env())
     local = parse_in_subprocess({"GEMMA_RUNNER": "local"})
     assert k8s["errors"] == {} and k8s["ml"] == []
-    assert k8s["edges"] == local["edges"] == sorted([a, b] for a, b in zip(module.STAGES, module.STAGES[1:]))
-    assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted(module.STAGES)
+    chain = [[a, b] for a, b in zip(module.STAGES, module.STAGES[1:])]
+    assert k8s["edges"] == local["edges"] == sorted(chain + [["snapshot", "snapshot_changed"]])
+    assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*module.STAGES, "snapshot_changed"])
     assert {t: k8s["tasks"][t] for t in GPU_STAGES} == {t: "KubernetesPodOperator" for t in GPU_STAGES}
     assert all(k8s["tasks"][t] == local["tasks"][t] for t in module.STAGES if t not in GPU_STAGES)
 

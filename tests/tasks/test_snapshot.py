@@ -1,15 +1,23 @@
+import collections
+import difflib
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tasks import snapshot
-from tasks.config import load_config
+from tasks.airflow_settings import run_dir_for
+from tasks.config import BUNDLED_DOLLY, load_config
 from tasks.snapshot import CATEGORIES, SnapshotError
+from tests.conftest import DOLLY_OLDREV, REPO
 
 
 def cfg_for(source, **kw):
@@ -69,6 +77,7 @@ def test_rerun_is_a_no_op_and_a_changed_file_is_redone(tmp_path, dolly_full):
     assert snapshot.run(cfg_for(src), run_dir)["row_count"] == 51
 
 
+@pytest.mark.parametrize("policy", ["fail", "skip"])
 @pytest.mark.parametrize(
     "line, words",
     [
@@ -79,16 +88,21 @@ def test_rerun_is_a_no_op_and_a_changed_file_is_redone(tmp_path, dolly_full):
         (b'["a", "b"]', ["line 3", "JSON object"]),
     ],
 )
-def test_bad_records_name_line_and_field(tmp_path, line, words):
-    good = json.dumps({"instruction": "q", "context": "", "response": "a", "category": "open_qa"}).encode()
+def test_bad_records_name_line_and_field(tmp_path, line, words, policy):
+    # "fail" stops at the bad line; "skip" drops it, but 1 bad record of 3 is over max_bad_share
+    # (5%), and that error names the first bad records too. The two good records differ: identical
+    # ones would be duplicates, bad records themselves.
+    good = [json.dumps({"instruction": f"q{i}", "context": "", "response": "a", "category": "open_qa"}).encode() for i in (1, 2)]
     src = tmp_path / "bad.jsonl"
-    src.write_bytes(good + b"\n" + good + b"\n" + line + b"\n")
+    src.write_bytes(good[0] + b"\n" + good[1] + b"\n" + line + b"\n")
     with pytest.raises(SnapshotError) as e:
-        snapshot.run(cfg_for(src), tmp_path / "run")
+        snapshot.run(cfg_for(src, bad_record_policy=policy), tmp_path / "run")
     for w in words:
         assert w in str(e.value)
+    assert ("1 of 3 records are bad (33.3%)" in str(e.value)) == (policy == "skip")
     assert not (tmp_path / "run" / "snapshot").exists()
     assert not list((tmp_path / "run").glob(".snapshot.tmp-*"))
+    assert not (tmp_path / "snapshots").exists()  # the shared store is not touched either
 
 
 def test_hub_fails_fast_when_switched_off(tmp_path, monkeypatch):
@@ -108,10 +122,217 @@ def test_hub_unreachable_fails_fast_via_cli(tmp_path):
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}")
     env.pop("HF_HUB_OFFLINE", None)
     started = time.time()
+    # A model that needs no Kaggle credentials: the preflight (first) would otherwise stop on those.
     out = subprocess.run(
-        [sys.executable, "-m", "tasks.snapshot", "--config", "gemma_2b_lora", "--run-dir", str(tmp_path)],
+        [sys.executable, "-m", "tasks.snapshot", "--config", "gemma_2b_lora", "--run-dir", str(tmp_path),
+         "--set", "model_preset=tiny:gemma"],
         capture_output=True, text=True, env=env,
     )
     assert out.returncode != 0
     assert time.time() - started < 20
     assert "unreachable" in out.stderr and "dataset_source" in out.stderr
+
+
+# -- snapshot refresh: the shared store, "changed" vs the latest snapshot, the Asset event ----------
+
+F = ("instruction", "context", "response", "category")
+REF_MARK = re.compile(r"\[(?:\d+|[a-z])\]")
+
+
+def _squeeze(text: str) -> str:
+    return re.sub(r"\s+", "", REF_MARK.sub("", text))
+
+
+@pytest.fixture(scope="session")
+def dolly_second_revision(dolly_full, tmp_path_factory) -> tuple[Path, collections.Counter]:
+    """The current Dolly with its April 2023 texts put back: a real "upstream changed" revision.
+
+    Each old record replaces the current record it became (see the old revision's README): the same
+    text once reference marks and whitespace are removed, or the same instruction (revised context or
+    response); the one record with no current counterpart is appended.
+    """
+    if not DOLLY_OLDREV.is_file():
+        pytest.skip(f"old Dolly revision not found at {DOLLY_OLDREV}")
+    current = [json.loads(x) for x in dolly_full.read_text(encoding="utf-8").splitlines()]
+    old = [json.loads(x) for x in DOLLY_OLDREV.read_text(encoding="utf-8").splitlines()]
+    by_text, by_instruction = collections.defaultdict(list), collections.defaultdict(list)
+    for i, r in enumerate(current):
+        by_text[tuple(_squeeze(r[f]) for f in F)].append(i)
+        by_instruction[r["instruction"]].append(i)
+    revised, appended, relations, replaced = list(current), [], collections.Counter(), set()
+    for o in old:
+        relations[o["relation_to_current"]] += 1
+        rec = {f: o[f] for f in F}
+        if o["relation_to_current"] == "no_current_counterpart":
+            appended.append(rec)
+            continue
+        if o["relation_to_current"] == "same_after_removing_refs_and_whitespace":
+            candidates = by_text[tuple(_squeeze(o[f]) for f in F)]
+        else:  # same_instruction_revised_context_or_response: the closest current text
+            candidates = sorted(
+                by_instruction[o["instruction"]],
+                key=lambda i: (current[i]["category"] != o["category"],
+                               -difflib.SequenceMatcher(None, current[i]["response"], o["response"]).ratio()),
+            )
+        assert candidates, o["instruction"][:80]
+        replaced.add(candidates[0])
+        revised[candidates[0]] = rec
+    assert len(replaced) == len(old) - len(appended)  # every old record replaced a different one
+    path = tmp_path_factory.mktemp("dolly-rev") / "dolly-april2023-texts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in revised + appended), encoding="utf-8")
+    return path, relations
+
+
+def store_of(runs: Path) -> Path:
+    return runs / "snapshots" / snapshot.dataset_slug(load_config("tiny_test").dataset_hub_id)
+
+
+def published(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def manifest_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "snapshot" / "manifest.json").read_text())
+
+
+def ids_of(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+
+def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, dolly_full, dolly_second_revision):
+    revision2, relations = dolly_second_revision
+    runs = tmp_path / "runs"  # run folders live in <run root>/runs/<run id>
+    store = store_of(runs)
+
+    first = snapshot.run(cfg_for(dolly_full), runs / "r1")
+    assert first["changed"] and (first["rows_added"], first["rows_removed"], first["rows_changed"]) == (14996, 0, 0)
+    assert manifest_of(runs / "r1")["previous_snapshot_id"] is None
+    assert published(store) == [first["snapshot_id"]]
+    assert (store / first["snapshot_id"] / "_SUCCESS").is_file()
+    latest_stamp = (store / "LATEST.json").stat().st_mtime_ns
+
+    # The same content again: reused, nothing published, LATEST.json untouched.
+    second = snapshot.run(cfg_for(dolly_full), runs / "r2")
+    m2 = manifest_of(runs / "r2")
+    assert second["changed"] is False and m2["changed"] is False
+    assert m2["snapshot_id"] == m2["previous_snapshot_id"] == first["snapshot_id"]
+    assert (m2["changes"]["rows_added"], m2["changes"]["rows_removed"], m2["changes"]["rows_changed"]) == (0, 0, 0)
+    assert published(store) == [first["snapshot_id"]]
+    assert (store / "LATEST.json").stat().st_mtime_ns == latest_stamp
+    assert (runs / "r2" / "snapshot" / "records.jsonl").read_bytes() == (store / first["snapshot_id"] / "records.jsonl").read_bytes()
+
+    # The April 2023 texts: what the old revision's README implies.
+    third = snapshot.run(cfg_for(revision2), runs / "r3")
+    m3 = manifest_of(runs / "r3")
+    expect_changed = relations["same_after_removing_refs_and_whitespace"] + relations["same_instruction_revised_context_or_response"]
+    assert (relations["same_after_removing_refs_and_whitespace"], relations["same_instruction_revised_context_or_response"],
+            relations["no_current_counterpart"]) == (2440, 163, 1)
+    assert third["changed"] and third["row_count"] == 14996 + relations["no_current_counterpart"]
+    assert (third["rows_changed"], third["rows_added"], third["rows_removed"]) == (expect_changed, 1, 0) == (2603, 1, 0)
+    assert m3["previous_snapshot_id"] == first["snapshot_id"] and m3["snapshot_id"] == third["snapshot_id"]
+    assert published(store) == sorted([first["snapshot_id"], third["snapshot_id"]])
+    assert json.loads((store / "LATEST.json").read_text())["snapshot_id"] == third["snapshot_id"]
+    before, after = ids_of(store / first["snapshot_id"] / "records.jsonl"), ids_of(runs / "r3" / "snapshot" / "records.jsonl")
+    examples = m3["changes"]["examples"]
+    assert len(examples["changed"]) == 5 and examples["removed"] == []
+    for pair in examples["changed"]:
+        old, new = before[pair["from"]], after[pair["to"]]
+        assert pair["from"] not in after and pair["to"] not in before
+        assert snapshot.change_key(old) == snapshot.change_key(new)
+    [added] = examples["added"]
+    assert after[added]["response"] == after[added]["instruction"]  # the pre-fix row that repeated its instruction
+
+    # Back to the current texts: content seen before, so its folder is reused, yet it is a change.
+    fourth = snapshot.run(cfg_for(dolly_full), runs / "r4")
+    assert fourth["changed"] and fourth["snapshot_id"] == first["snapshot_id"]
+    assert (fourth["rows_changed"], fourth["rows_added"], fourth["rows_removed"]) == (2603, 0, 1)
+    assert published(store) == sorted([first["snapshot_id"], third["snapshot_id"]])
+    print(f"old-revision refresh: {third['rows_added']} added, {third['rows_removed']} removed, {third['rows_changed']} changed")
+
+
+def test_retry_after_the_store_was_updated_still_reports_the_change(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
+    runs = tmp_path / "runs"
+    first = snapshot.run(cfg_for(src), runs / "r1")
+    # The first attempt died after it had updated the store but before its stage folder was published.
+    shutil.rmtree(runs / "r1" / "snapshot")
+    retry = snapshot.run(cfg_for(src), runs / "r1")
+    assert retry["changed"] and retry["snapshot_id"] == first["snapshot_id"] and retry["rows_added"] == 30
+    assert snapshot.run(cfg_for(src), runs / "r2")["changed"] is False  # another run: unchanged
+
+
+def test_manifest_records_preflight_and_validation(tmp_path):
+    snapshot.run(load_config("tiny_test"), tmp_path / "runs" / "r1")
+    m = manifest_of(tmp_path / "runs" / "r1")
+    assert m["preflight"] == {"model_preset": "tiny:gemma", "prompt_suite": "v1", "max_sequence_length": 8192}
+    v = m["validation"]
+    assert (v["policy"], v["rows_read"], v["rows_bad"], v["bad_by_reason"]) == ("skip", 1700, 0, {})
+
+
+@pytest.mark.parametrize("phase", ["run folder", "store"])
+def test_killed_while_writing_leaves_nothing_half_written(tmp_path, dolly_full, phase):
+    runs = tmp_path / "runs"
+    run_dir, store = runs / "r1", store_of(runs)
+    argv = [sys.executable, "-m", "tasks.snapshot", "--config", "tiny_test", "--run-dir", str(run_dir),
+            "--set", f"dataset_source={dolly_full}"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill it (SIGKILL: no cleanup) as soon as it writes into its temp folder there.
+    where, pattern = (run_dir, ".snapshot.tmp-*/*") if phase == "run folder" else (store, "." + "?" * 16 + ".tmp-*")
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not list(where.glob(pattern)):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the snapshot finished before it could be killed"
+    # What a reader can see is whole or absent: a folder is published by a rename, its marker inside.
+    assert not (run_dir / "snapshot").exists() or (run_dir / "snapshot" / "_SUCCESS").is_file()
+    if store.exists():
+        assert all((store / name / "_SUCCESS").is_file() for name in published(store))
+        if (store / "LATEST.json").exists():
+            assert json.loads((store / "LATEST.json").read_text())["snapshot_id"] in published(store)
+
+    result = snapshot.run(cfg_for(dolly_full), run_dir)  # the retry completes
+    assert result["changed"] and result["row_count"] == 14996
+    assert (run_dir / "snapshot" / "_SUCCESS").is_file() and published(store) == [result["snapshot_id"]]
+    assert not list(store.glob(".*.tmp-*"))  # the killed attempt's temp folder is gone
+
+
+def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    dag = DagBag(dag_folder=str(REPO / "dags" / "gemma_lora_finetune.py")).get_dag("gemma_lora_finetune")
+    # Content no other test uses, so the first run is a change whatever the shared store holds.
+    src = tmp_path / "d.jsonl"
+    unique = {"instruction": f"Which test wrote {tmp_path.name}?", "context": "", "response": "This one.", "category": "open_qa"}
+    src.write_text("".join(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:40]) + json.dumps(unique) + "\n")
+
+    def trigger() -> tuple[dict, list]:
+        # Only snapshot and snapshot_changed run; the later stages are marked done.
+        run = dag.test(run_conf={"dataset_source": str(src)}, mark_success_pattern="preprocess|finetune|generate|report|promote")
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        with create_session() as session:
+            events = [
+                (uri, e.source_task_id, e.extra)
+                for e, uri in session.query(AssetEvent, AssetModel.uri)
+                .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+                .filter(AssetEvent.source_run_id == run.run_id)
+            ]
+        return states, events, run.run_id
+
+    states, events, run_id = trigger()
+    assert states["snapshot"] == "success" and states["snapshot_changed"] == "success"
+    manifest = manifest_of(run_dir_for(run_id))
+    assert manifest["changed"] is True
+    assert events == [(
+        snapshot.asset_uri(manifest["dataset"]), "snapshot_changed",
+        {"sha256": manifest["sha256"], "row_count": 41, "revision": manifest["revision"], "snapshot_id": manifest["snapshot_id"],
+         "rows_added": manifest["changes"]["rows_added"], "rows_removed": manifest["changes"]["rows_removed"],
+         "rows_changed": manifest["changes"]["rows_changed"]},
+    )]
+
+    states, events, run_id = trigger()  # the same content again
+    assert states["snapshot"] == "success" and states["snapshot_changed"] == "skipped"
+    assert manifest_of(run_dir_for(run_id))["changed"] is False
+    assert events == []
