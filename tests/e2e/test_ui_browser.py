@@ -163,6 +163,7 @@ def open_report_tab(base: str, token: str, run_id: str, screenshot: Path | None 
         seen["visible_after_filter"] = sum(c.is_displayed() for c in driver.find_elements(By.CSS_SELECTOR, "#cards .card"))
         Select(driver.find_element(By.ID, "filter-category")).select_by_value("")
         if screenshot:
+            driver.execute_script("window.scrollTo(0, 0)")  # the reader starts at the verdict
             driver.switch_to.default_content()
             driver.save_screenshot(str(screenshot))
         return seen
