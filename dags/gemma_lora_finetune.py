@@ -67,6 +67,10 @@ PARAMS = {
     "prompt_suite": Param(DEFAULTS.get("prompt_suite", "v1"), type="string", enum=_suites(), description="versioned prompt suite both models answer"),
     "max_length": _number("max_length", "integer", "generation length in tokens, prompt included"),
     "sampler": Param(DEFAULTS.get("sampler", "top_k"), type="string", enum=list(CHOICES["sampler"]), description="generation sampler"),
+    "train_mode": Param(
+        DEFAULTS.get("train_mode", "tutorial"), type="string", enum=list(CHOICES["train_mode"]),
+        description="tutorial: pad every example to sequence_length (the Keras tutorial); fast: length-bucketed batches, XLA, bf16 on capable GPUs (bench/README.md)",
+    ),
 }
 
 

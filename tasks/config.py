@@ -76,6 +76,21 @@ class Config:
     jit_compile: bool = False
     # Tokens in the loss: "all" (the tutorial: prompt and response) or "response" (response only).
     loss_tokens: str = "all"
+    # How batches are built and run (the same recipe, data, order of epochs and loss either way):
+    # "tutorial" pads every example to sequence_length (the Keras tutorial; jit_compile as set);
+    # "fast" groups examples of similar length into batches, pads each batch only to its longest
+    # example (rounded up, see bucket_*), scales the loss so it equals the tutorial's, turns XLA on and
+    # uses mixed bfloat16 on GPUs that have it (see mixed_precision). bench/README.md has the figures.
+    train_mode: str = "tutorial"
+    # fast mode: batch widths are multiples of this many tokens (capped at sequence_length) ...
+    bucket_multiple: int = 16
+    # ... and at most this many different widths (chosen from the data to pad least): every new
+    # width is one more XLA compilation (~10-30 s for Gemma 3 270M on 2 CPU cores).
+    bucket_shapes: int = 4
+    # "auto": mixed bfloat16 in fast mode on a GPU that has bfloat16 (compute capability >= 8.0),
+    # float32 otherwise (and always on CPU and in tutorial mode); "off": float32; "bfloat16": mixed
+    # bfloat16 whatever the device (also on CPU, for experiments).
+    mixed_precision: str = "auto"
     # Held-out examples scored (masked loss, response perplexity) before and after tuning; at most
     # heldout_examples are there to score.
     eval_examples: int = 100
@@ -114,6 +129,8 @@ FIELD_TYPES: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] fo
 CHOICES: dict[str, tuple[str, ...]] = {
     "sampler": ("top_k", "greedy"),
     "loss_tokens": ("all", "response"),
+    "train_mode": ("tutorial", "fast"),
+    "mixed_precision": ("auto", "off", "bfloat16"),
     "bad_record_policy": ("skip", "fail"),
 }
 # (minimum, maximum) inclusive; None means unbounded.
@@ -129,6 +146,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "weight_decay": (0.0, 1.0),
     "epochs": (1, 1000),
     "batch_size": (1, 4096),
+    "bucket_multiple": (1, 8192),
+    "bucket_shapes": (1, 1024),
     "eval_examples": (0, 100_000),
     "log_every_steps": (1, 1_000_000),
     "checkpoint_every_steps": (0, 1_000_000),

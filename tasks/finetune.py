@@ -7,12 +7,18 @@ SparseCategoricalCrossentropy(from_logits=True), SparseCategoricalAccuracy, `fit
 epochs and batch size. Progress is logged every `log_every_steps` steps. Writes `adapter.lora.h5`
 (only the LoRA weights), `history.json` (per step), `result.json` (config, timings, held-out scores
 before and after tuning, masked so padding does not count).
+
+`train_mode` picks how the batches run, not what is learned: `tutorial` pads every example to the
+sequence length (the Keras tutorial); `fast` pads each length-bucketed batch only to its longest
+example, divides the loss by the same batch_size x sequence_length as the tutorial (so each step's
+loss is the tutorial's loss on those examples), compiles with XLA and trains in mixed bfloat16 on GPUs
+that have it. Both modes train on every example once per epoch with the same seeded epoch order.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +26,7 @@ from pathlib import Path
 from tasks import storage
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
-from tasks.batching import encode
+from tasks.batching import Step, encode, input_lengths, plan_batches, plan_orders, step_arrays
 from tasks.checkpoints import Checkpoints
 from tasks.heldout_eval import score_heldout
 
@@ -39,6 +45,10 @@ CONFIG_KEYS = (
     "training_seed",
     "jit_compile",
     "loss_tokens",
+    "train_mode",
+    "bucket_multiple",
+    "bucket_shapes",
+    "mixed_precision",
     "eval_examples",
 )
 # Retries resume from here: outside the stage's temp folder, which a failed attempt removes.
@@ -46,10 +56,11 @@ CHECKPOINTS = "finetune.checkpoints"
 
 
 def make_progress_callback(total_steps: int, sizes: list[int], every: int, history: list[dict], start_step: int = 0,
-                           on_step=None):
+                           on_step=None, widths: list[int] | None = None):
     """Per-step loss from Keras's running means, a progress line a user sees in the task log, and
-    `on_step(step)` after each step (checkpointing). `sizes` are the batch sizes of the steps this
-    fit() call runs, which start after `start_step` (a resumed run)."""
+    `on_step(step)` after each step (checkpointing). `sizes` are the batch sizes (rows fed) of the
+    steps this fit() call runs, which start after `start_step` (a resumed run); `widths` their
+    padded widths, recorded per step."""
     import keras
 
     class Progress(keras.callbacks.Callback):
@@ -78,6 +89,8 @@ def make_progress_callback(total_steps: int, sizes: list[int], every: int, histo
                     "elapsed_s": round(elapsed, 3),
                 }
             )
+            if widths is not None:
+                history[-1]["width"] = widths[self.step - 1 - start_step]
             done_here = self.step - start_step
             if self.step % every == 0 or self.step == total_steps:
                 eta = elapsed / done_here * (total_steps - self.step)
@@ -106,38 +119,100 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def epoch_orders(n: int, cfg: Config) -> list[list[int]]:
-    """A seeded permutation per epoch; recorded, so a resumed run sees the same order."""
-    orders = []
-    for epoch in range(cfg.epochs):
-        order = list(range(n))
-        random.Random(cfg.training_seed * 1000 + epoch).shuffle(order)
-        orders.append(order)
-    return orders
+def train_plan(lengths: list[int], cfg: Config) -> list[Step]:
+    """Every step's examples and padded width (tasks.batching.plan_batches), a pure function of the
+    token lengths and the config: a resumed run rebuilds the plan it was checkpointed with. In
+    tutorial mode: each epoch's seeded permutation cut into batches, as the stage always did."""
+    return plan_batches(
+        lengths, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.training_seed,
+        sequence_length=cfg.sequence_length, mode=cfg.train_mode,
+        bucket_multiple=cfg.bucket_multiple, bucket_shapes=cfg.bucket_shapes,
+    )
 
 
-def batch_plan(n: int, cfg: Config) -> list[list[int]]:
-    """Every step's example indices, epoch after epoch (an epoch's last batch may be short)."""
-    return [order[i : i + cfg.batch_size] for order in epoch_orders(n, cfg) for i in range(0, n, cfg.batch_size)]
+def rows_fed(steps: list[Step], cfg: Config) -> list[int]:
+    """Rows per step as Keras sees them: fast mode fills a short batch up to batch_size."""
+    return [cfg.batch_size if cfg.train_mode == "fast" else len(s.rows) for s in steps]
 
 
-def make_dataset(enc: dict, batches: list[list[int]]):
-    import numpy as np
+def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None):
+    """The steps as a tf.data pipeline. `steps` are Steps (or plain index lists: full width).
+    With `fixed_batch_size` (fast mode) widths vary per step and short batches are filled up."""
     import tensorflow as tf
 
-    def gen():
-        for idx in batches:
-            idx = np.asarray(idx)
-            x = {"token_ids": enc["token_ids"][idx], "padding_mask": enc["padding_mask"][idx]}
-            yield x, enc["labels"][idx], enc["weights"][idx]
+    full = enc["token_ids"].shape[1]
+    steps = [s if isinstance(s, Step) else Step(list(s), full) for s in steps]
 
-    length = enc["token_ids"].shape[1]
+    def gen():
+        for step in steps:
+            yield step_arrays(enc, step, fixed_batch_size)
+
+    length = None if fixed_batch_size is not None else full
     spec = (
         {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.bool)},
         tf.TensorSpec((None, length), tf.int32),
         tf.TensorSpec((None, length), tf.float32),
     )
     return tf.data.Dataset.from_generator(gen, output_signature=spec)
+
+
+def padded_batch_loss(batch_size: int, sequence_length: int):
+    """The tutorial's loss for batches narrower than the sequence length: the weighted token
+    cross-entropy summed and divided by batch_size x sequence_length, which is what Keras's
+    `sum_over_batch_size` divides by when every example is padded to the sequence length."""
+    import keras
+
+    scale = 1.0 / (batch_size * sequence_length)
+
+    class PaddedBatchLoss(keras.losses.Loss):
+        def __init__(self):
+            super().__init__(reduction="sum", name="padded_batch_loss")
+
+        def call(self, y_true, y_pred):
+            ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+            return ce * scale
+
+    return PaddedBatchLoss()
+
+
+def gpus_with_bfloat16() -> list[str]:
+    """GPUs with native bfloat16 (compute capability 8.0 or newer: A100, L4, H100, ...)."""
+    import tensorflow as tf
+
+    out = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        if tuple(details.get("compute_capability") or (0, 0)) >= (8, 0):
+            out.append(details.get("device_name", gpu.name))
+    return out
+
+
+def dtype_policy_for(cfg: Config) -> str:
+    """The Keras dtype policy training runs under (see the config key mixed_precision)."""
+    if cfg.mixed_precision == "bfloat16":
+        return "mixed_bfloat16"
+    if cfg.mixed_precision == "auto" and cfg.train_mode == "fast" and gpus_with_bfloat16():
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def compile_for_training(lm, cfg: Config, optimizer) -> dict:
+    """Compile `lm` for the configured mode; returns what was chosen (recorded in result.json)."""
+    import keras
+
+    if cfg.train_mode == "fast":
+        loss = padded_batch_loss(cfg.batch_size, cfg.sequence_length)
+        jit = True  # XLA: on CPU it roughly halves Gemma's step; widths are bounded by bucket_shapes
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        jit = cfg.jit_compile
+    lm.compile(
+        loss=loss,
+        optimizer=optimizer,
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
+        jit_compile=jit,
+    )
+    return {"train_mode": cfg.train_mode, "jit_compile": jit, "loss": type(loss).__name__}
 
 
 def build_optimizer(cfg: Config):
@@ -152,6 +227,17 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     prep = storage.require(run_dir, "preprocess", STAGE)
 
     def body(out: Path) -> dict:
+        import keras
+
+        policy = dtype_policy_for(cfg)
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            return tune(out, policy)
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    def tune(out: Path, policy: str) -> dict:
         import keras
 
         from tasks.models import load_causal_lm
@@ -175,15 +261,12 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         lm.backbone.enable_lora(rank=cfg.lora_rank)
         trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
         optimizer = build_optimizer(cfg)
-        lm.compile(
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            optimizer=optimizer,
-            weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
-            jit_compile=cfg.jit_compile,
-        )
-        batches = batch_plan(len(train), cfg)
-        total = len(batches)
-        orders = epoch_orders(len(train), cfg)
+        compiled = compile_for_training(lm, cfg, optimizer)
+        plan = train_plan(input_lengths(enc), cfg)
+        total = len(plan)
+        orders = plan_orders(plan, len(train))
+        fed = rows_fed(plan, cfg)
+        widths = [s.width for s in plan]
         history: list[dict] = []
         start = 0
         if resume:
@@ -194,6 +277,10 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         log.info(
             "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA rank %d: %s trainable weights",
             len(train), cfg.batch_size, cfg.epochs, total, cfg.lora_rank, f"{trainable:,}",
+        )
+        log.info(
+            "finetune: train_mode %s, XLA %s, dtype policy %s, batch widths %s",
+            cfg.train_mode, compiled["jit_compile"], policy, dict(sorted(collections.Counter(widths).items())),
         )
 
         def on_step(step: int) -> None:
@@ -206,11 +293,11 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         try:
             if start < total:
                 lm.fit(
-                    make_dataset(enc, batches[start:]),
+                    make_dataset(enc, plan[start:], cfg.batch_size if cfg.train_mode == "fast" else None),
                     epochs=1,
                     verbose=0,
-                    callbacks=[make_progress_callback(total, [len(b) for b in batches[start:]], cfg.log_every_steps,
-                                                      history, start, on_step)],
+                    callbacks=[make_progress_callback(total, fed[start:], cfg.log_every_steps,
+                                                      history, start, on_step, widths[start:])],
                 )
         finally:
             lm.preprocessor = preprocessor
@@ -220,6 +307,9 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         lm.backbone.save_lora_weights(str(out / ADAPTER))
 
         real_tokens = int(enc["real_tokens"].sum()) * cfg.epochs
+        # Token positions computed (rows fed x width), the padding included.
+        padded_tokens = sum(f * w for f, w in zip(fed, widths))
+        padded_here = sum(f * w for f, w in zip(fed[start:], widths[start:]))
         result = {
             "model_preset": cfg.model_preset,
             "model_class": type(lm).__name__,
@@ -233,8 +323,14 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "timings_s": {"load": round(load_s, 2), "train": round(train_s, 2)},
             "tokens": {
                 "real": real_tokens,
-                "padded": cfg.sequence_length * len(train) * cfg.epochs,
+                "padded": padded_tokens,
                 "real_per_s": round(real_tokens * (total - start) / total / train_s, 1) if train_s else None,
+                "padded_per_s": round(padded_here / train_s, 1) if train_s else None,
+            },
+            "training": {
+                **compiled,
+                "dtype_policy": policy,
+                "widths": dict(sorted(collections.Counter(widths).items())),
             },
             "heldout_base": base_scores,
             "heldout_tuned": tuned_scores,

@@ -1,0 +1,140 @@
+"""The two training modes: `tutorial` (every example padded to the sequence length) and `fast`
+(length-bucketed batches padded per batch, XLA, bf16 on capable GPUs). Same recipe, same loss, same
+resumability. Speed is measured by bench/train_modes.py, not asserted here."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks import finetune, preprocess, snapshot
+from tasks.batching import Step, encode, input_lengths, step_arrays
+from tasks.checkpoints import Checkpoints
+from tasks.config import ConfigError, load_config
+from tests.tasks.test_faults import SETTINGS, TOTAL_STEPS, lora_weights
+from tests.tasks.test_finetune import LEARNABLE, write_learnable_dataset
+
+
+def test_defaults_stay_the_tutorial_recipe_and_fast_is_one_setting_away():
+    for name in ("cpu_demo", "gemma_2b_lora", "tiny_test"):
+        assert load_config(name).train_mode == "tutorial"
+    cfg = load_config("cpu_demo", {"train_mode": "fast"})
+    assert (cfg.train_mode, cfg.bucket_multiple, cfg.bucket_shapes, cfg.mixed_precision) == ("fast", 16, 4, "auto")
+    with pytest.raises(ConfigError, match="train_mode"):
+        load_config("cpu_demo", {"train_mode": "turbo"})
+    with pytest.raises(ConfigError, match="bucket_shapes"):
+        load_config("cpu_demo", {"bucket_shapes": "0"})
+    # A checkpoint of one mode is never resumed by the other: the mode is part of the stage's inputs.
+    assert {"train_mode", "bucket_multiple", "bucket_shapes", "mixed_precision"} <= set(finetune.CONFIG_KEYS)
+
+
+def test_mixed_bfloat16_only_in_fast_mode_on_a_gpu_that_has_it(monkeypatch):
+    def policy(**kw):
+        return finetune.dtype_policy_for(load_config("tiny_test", kw))
+
+    monkeypatch.setattr(finetune, "gpus_with_bfloat16", lambda: [])  # this CPU machine
+    assert policy(train_mode="fast") == policy(train_mode="tutorial") == "float32"
+    assert policy(train_mode="fast", mixed_precision="bfloat16") == "mixed_bfloat16"
+    monkeypatch.setattr(finetune, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
+    assert policy(train_mode="fast") == "mixed_bfloat16"
+    assert policy(train_mode="tutorial") == policy(train_mode="fast", mixed_precision="off") == "float32"
+
+
+def test_a_fast_step_is_the_tutorial_step():
+    """Per-batch padding with the rescaled loss gives the tutorial's loss and update on the same examples,
+    for a full batch at its own width and for a short batch filled up with zero-weight rows."""
+    import keras
+
+    from tasks.models import load_causal_lm
+    from tasks.preprocess import format_example, format_prompt
+
+    pairs = [("Name a colour.", "Blue."), ("Name a fruit.", "A pear, often green."), ("Say hi.", "Hi!"),
+             ("Count to three.", "One, two, three."), ("Name a month.", "May."), ("Name a sea.", "The Baltic Sea.")]
+    rows = [{"prompt": format_prompt(i), "text": format_example(i, r)} for i, r in pairs]
+    results = {}
+    for mode in ("tutorial", "fast"):
+        cfg = load_config("tiny_test", {"train_mode": mode, "sequence_length": "128", "batch_size": "4",
+                                        "learning_rate": "1e-2"})
+        keras.utils.set_random_seed(0)
+        lm = load_causal_lm("tiny:gemma", sequence_length=128)
+        enc = encode(lm.preprocessor.tokenizer, rows, 128)
+        lm.backbone.enable_lora(rank=4)
+        finetune.compile_for_training(lm, cfg, finetune.build_optimizer(cfg))
+        lm.preprocessor = None
+        losses = []
+        for idx in ([0, 1, 2, 3], [4, 5]):
+            if mode == "fast":
+                width = -(-max(input_lengths(enc)[i] for i in idx) // 16) * 16
+                x, y, w = step_arrays(enc, Step(idx, width), batch_size=4)
+                assert x["token_ids"].shape == (4, width) and width <= 32
+            else:
+                x, y, w = step_arrays(enc, Step(idx, 128))
+            losses.append(float(lm.train_on_batch(x, y, sample_weight=w)[0]))
+        results[mode] = losses, {v.path: np.array(v.numpy()) for v in lm.backbone.trainable_weights}
+        keras.backend.clear_session()
+    np.testing.assert_allclose(results["fast"][0], results["tutorial"][0], rtol=1e-5)
+    for name, value in results["tutorial"][1].items():
+        np.testing.assert_allclose(results["fast"][1][name], value, atol=1e-5, err_msg=name)
+
+
+def test_fast_mode_reaches_the_tutorial_heldout_loss(tmp_path):
+    data = write_learnable_dataset(tmp_path / "fruit.jsonl")
+    out = {}
+    for mode in ("tutorial", "fast"):
+        cfg = load_config("tiny_test", {**LEARNABLE, "dataset_source": str(data), "train_mode": mode})
+        run_dir = tmp_path / mode
+        for stage in (snapshot, preprocess, finetune):
+            stage.run(cfg, run_dir)
+        out[mode] = json.loads((run_dir / "finetune" / "result.json").read_text())
+    tut, fast = out["tutorial"], out["fast"]
+    print("held-out tuned loss: tutorial", tut["heldout_tuned"], "fast", fast["heldout_tuned"])
+    assert fast["training"]["train_mode"] == "fast" and fast["training"]["jit_compile"] is True
+    assert fast["training"]["dtype_policy"] == "float32"  # CPU
+    assert len(fast["training"]["widths"]) <= 4 and max(map(int, fast["training"]["widths"])) < 64
+    assert fast["steps"] == tut["steps"] and fast["tokens"]["real"] == tut["tokens"]["real"]
+    assert fast["tokens"]["padded"] < 0.7 * tut["tokens"]["padded"]  # short fruit questions: ~25-40 of 64 tokens
+    assert fast["heldout_base"] == tut["heldout_base"]
+    assert fast["heldout_tuned"]["loss"] == pytest.approx(tut["heldout_tuned"]["loss"], rel=0.05)
+    assert fast["heldout_tuned"]["loss"] < 0.9 * fast["heldout_base"]["loss"]
+    assert sorted(fast["data_order"][0]) == sorted(tut["data_order"][0])
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_fast_mode_resumes_to_the_same_result(tmp_path, monkeypatch):
+    settings = {**SETTINGS, "train_mode": "fast", "sequence_length": "128"}
+    cfg = load_config("tiny_test", settings)
+    clean, killed = tmp_path / "runs" / "clean", tmp_path / "runs" / "killed"
+    for run_dir in (clean, killed):
+        snapshot.run(cfg, run_dir)
+        preprocess.run(cfg, run_dir)
+
+    save = Checkpoints.save
+
+    def save_then_die(self, step, *args):
+        save(self, step, *args)
+        if step >= 12:
+            raise Preempted(step)
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
+    with pytest.raises(Preempted):
+        finetune.run(cfg, killed)
+    monkeypatch.setattr(Checkpoints, "save", save)
+    assert not (killed / "finetune").exists()
+    finetune.run(cfg, killed)
+    finetune.run(cfg, clean)
+
+    result = json.loads((killed / "finetune" / "result.json").read_text())
+    history = json.loads((killed / "finetune" / "history.json").read_text())
+    clean_history = json.loads((clean / "finetune" / "history.json").read_text())
+    assert result["resumed_from_step"] == 12 and result["steps"] == TOTAL_STEPS
+    assert [h["step"] for h in history] == list(range(1, TOTAL_STEPS + 1))
+    assert [h["width"] for h in history] == [h["width"] for h in clean_history]
+    assert len({h["width"] for h in history}) > 1  # really bucketed
+    a, b = lora_weights(killed / "finetune" / "adapter.lora.h5"), lora_weights(clean / "finetune" / "adapter.lora.h5")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in clean_history], atol=1e-3)
