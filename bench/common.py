@@ -204,3 +204,15 @@ def quiet_tensorflow() -> None:
 def dolly_path(arg: str | None) -> str | None:
     """The full Dolly file: --dataset, else $DOLLY_FULL_JSONL; None means the bundled sample."""
     return arg or os.environ.get("DOLLY_FULL_JSONL") or None
+
+
+def start(shared_note: str | None = None) -> dict:
+    """What every benchmark does first: quiet TensorFlow, pipeline logs at WARNING, the environment."""
+    quiet_tensorflow()
+    import logging
+
+    from tasks.cli import setup_logging
+
+    setup_logging()
+    logging.getLogger("gemma_pipeline").setLevel(logging.WARNING)
+    return environment(shared_note)

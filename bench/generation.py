@@ -70,20 +70,14 @@ def compare(a: list[dict], b: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet_tensorflow()
-    import logging
-
+    env = common.start(args.shared_note)
     import keras
 
-    from tasks.cli import setup_logging
     from tasks.config import load_config, parse_overrides
     from tasks.generate import answer, make_sampler
     from tasks.models import load_causal_lm
     from tasks.prompt_suite import load_suite
 
-    setup_logging()
-    logging.getLogger("gemma_pipeline").setLevel(logging.WARNING)
-    env = common.environment(args.shared_note)
     base = load_config(args.config, parse_overrides(args.set))
     sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else [base.generate_batch_size]
     max_length = args.max_length or base.max_length

@@ -81,16 +81,10 @@ def step_figures(history: list[dict], steps, lengths: dict[int, int], sequence_l
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet_tensorflow()
-    import logging
-
+    env = common.start(args.shared_note)
     from tasks import finetune, preprocess, snapshot, storage
-    from tasks.cli import setup_logging
     from tasks.config import load_config, parse_overrides
 
-    setup_logging()
-    logging.getLogger("gemma_pipeline").setLevel(logging.WARNING)
-    env = common.environment(args.shared_note)
     dataset = common.dolly_path(args.dataset)
     overrides = {
         "num_examples": str(args.examples),
