@@ -340,7 +340,6 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         }
         storage.write_json(out / "history.json", history)
         storage.write_json(out / "result.json", result)
-        del lm
         keras.backend.clear_session()
         return {
             "adapter": str(storage.stage_dir(run_dir, STAGE) / ADAPTER),
