@@ -43,8 +43,9 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def step_figures(history: list[dict], steps, lengths: dict[int, int], sequence_length: int) -> dict:
-    """Per-step durations split into warm-up (first step of each width: tracing + XLA) and steady."""
+def step_figures(history: list[dict], steps, lengths: dict[int, int], sequence_length: int, xla: bool = True) -> dict:
+    """Per-step durations split into warm-up and steady. Under XLA every width compiles at its first
+    step; a TensorFlow graph (fast mode on CPU) is traced once, at the very first step."""
     durations, prev = [], 0.0
     for h in history:
         durations.append(h["elapsed_s"] - prev)
@@ -52,7 +53,7 @@ def step_figures(history: list[dict], steps, lengths: dict[int, int], sequence_l
     real = [sum(min(lengths[i], sequence_length + 1) - 1 for i in s.rows) for s in steps]
     seen, warm, steady = set(), [], []
     for k, (d, s) in enumerate(zip(durations, steps)):
-        key = s.width
+        key = s.width if xla else "any"
         (warm if key not in seen else steady).append(k)
         seen.add(key)
     by_width: dict[int, dict] = {}
@@ -153,7 +154,7 @@ def main(argv=None) -> dict:
         dtype = result["training"]["dtype_policy"]
         peak = args.peak_tflops or (common.peak_tflops(env["device"], "bfloat16" if "bfloat16" in dtype else "float32")
                                     if env["gpus"] else None)
-        figures = step_figures(history, steps, lengths, cfg.sequence_length)
+        figures = step_figures(history, steps, lengths, cfg.sequence_length, result["training"]["jit_compile"])
         out["modes"][mode] = {
             "training": result["training"],
             "parameters": result["parameters"],

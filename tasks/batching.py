@@ -8,7 +8,7 @@ tokenizes itself instead, so one code path serves all of them and the loss mask 
 It also plans the training steps (`plan_batches`), for both training modes: `tutorial` feeds every
 example padded to the sequence length, in a seeded order; `fast` groups examples of similar length
 into the same batch and pads each batch only as far as its longest example, rounded up to one of a
-few widths (each width is one XLA compilation). The plan is a pure function of the token lengths and
+few widths (under XLA each width is one compilation). The plan is a pure function of the token lengths and
 the config, so a resumed run rebuilds exactly the plan it was checkpointed with.
 """
 
@@ -96,7 +96,8 @@ def epoch_orders(n: int, epochs: int, seed: int) -> list[list[int]]:
 
 
 def choose_widths(needed: list[int], sequence_length: int, multiple: int, max_shapes: int) -> list[int]:
-    """At most `max_shapes` batch widths that pad the batches least, given each batch's longest row.
+    """At most `max_shapes` batch widths that pad the batches least, given each batch's longest row
+    (`max_shapes` 0: no limit, every batch takes the next multiple).
 
     Widths are multiples of `multiple` (the widest may be `sequence_length` itself); every batch then
     takes the narrowest width that holds it. Exact, by dynamic programming over the candidate widths.
@@ -105,7 +106,7 @@ def choose_widths(needed: list[int], sequence_length: int, multiple: int, max_sh
     counts = collections.Counter(cand_of)
     cands = sorted(counts)
     m = len(cands)
-    if m <= max_shapes:
+    if max_shapes <= 0 or m <= max_shapes:
         return cands
     prefix = []
     total = 0
@@ -149,7 +150,8 @@ def plan_batches(
     `sequence_length`. `fast`: the same permutation, sorted by length within windows of
     SORT_WINDOW_BATCHES batches (ties keep the permutation's order), cut into batches, the batches
     shuffled (seeded); each batch padded to the narrowest of at most `bucket_shapes` widths
-    (multiples of `bucket_multiple`, chosen by `choose_widths`) that holds its longest example.
+    (multiples of `bucket_multiple`, chosen by `choose_widths`; 0 = no limit) that holds its longest
+    example.
     Every example is trained on once per epoch in both modes.
     """
     if mode not in TRAIN_MODES:

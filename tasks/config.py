@@ -79,17 +79,21 @@ class Config:
     # How batches are built and run (the same recipe, data, order of epochs and loss either way):
     # "tutorial" pads every example to sequence_length (the Keras tutorial; jit_compile as set);
     # "fast" groups examples of similar length into batches, pads each batch only to its longest
-    # example (rounded up, see bucket_*), scales the loss so it equals the tutorial's, turns XLA on and
-    # uses mixed bfloat16 on GPUs that have it (see mixed_precision). bench/README.md has the figures.
+    # example (rounded up, see bucket_*) and scales the loss so it equals the tutorial's. On a GPU it
+    # compiles with XLA (one compilation per batch width, so widths are few); on a CPU it runs a
+    # TensorFlow graph traced once for every width (XLA's per-width compilations cost more there
+    # than they save). Mixed bfloat16 where the device computes it natively (see mixed_precision).
+    # bench/README.md has the figures.
     train_mode: str = "tutorial"
     # fast mode: batch widths are multiples of this many tokens (capped at sequence_length) ...
     bucket_multiple: int = 16
-    # ... and at most this many different widths (chosen from the data to pad least): every new
-    # width is one more XLA compilation (~10-30 s for Gemma 3 270M on 2 CPU cores).
+    # ... and, when fast mode compiles with XLA (GPU), at most this many different widths (chosen
+    # from the data to pad least): every width is one more XLA compilation. Graph mode (CPU) is not
+    # limited: each batch takes the next multiple of bucket_multiple.
     bucket_shapes: int = 4
-    # "auto": mixed bfloat16 in fast mode on a GPU that has bfloat16 (compute capability >= 8.0),
-    # float32 otherwise (and always on CPU and in tutorial mode); "off": float32; "bfloat16": mixed
-    # bfloat16 whatever the device (also on CPU, for experiments).
+    # "auto": mixed bfloat16 in fast mode on a device that computes bfloat16 natively (a GPU of
+    # compute capability >= 8.0, a CPU with AMX-BF16), float32 otherwise and always in tutorial
+    # mode; "off": float32; "bfloat16": mixed bfloat16 whatever the device and mode.
     mixed_precision: str = "auto"
     # Held-out examples scored (masked loss, response perplexity) before and after tuning; at most
     # heldout_examples are there to score.

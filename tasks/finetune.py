@@ -11,8 +11,10 @@ before and after tuning, masked so padding does not count).
 `train_mode` picks how the batches run, not what is learned: `tutorial` pads every example to the
 sequence length (the Keras tutorial); `fast` pads each length-bucketed batch only to its longest
 example, divides the loss by the same batch_size x sequence_length as the tutorial (so each step's
-loss is the tutorial's loss on those examples), compiles with XLA and trains in mixed bfloat16 on GPUs
-that have it. Both modes train on every example once per epoch with the same seeded epoch order.
+loss is the tutorial's loss on those examples) and picks the engine for the device (`engine_for`):
+XLA with a few batch widths on a GPU, one TensorFlow graph for every width on a CPU, mixed bfloat16
+where the device computes it natively. Both modes train on every example once per epoch with the same
+seeded epoch order.
 """
 
 from __future__ import annotations
@@ -119,14 +121,17 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def train_plan(lengths: list[int], cfg: Config) -> list[Step]:
+def train_plan(lengths: list[int], cfg: Config, max_widths: int | None = None) -> list[Step]:
     """Every step's examples and padded width (tasks.batching.plan_batches), a pure function of the
-    token lengths and the config: a resumed run rebuilds the plan it was checkpointed with. In
-    tutorial mode: each epoch's seeded permutation cut into batches, as the stage always did."""
+    token lengths, the config and the engine's width limit (`engine_for`; default: this device's):
+    a resumed run rebuilds the plan it was checkpointed with. In tutorial mode: each epoch's seeded
+    permutation cut into batches, as the stage always did."""
+    if max_widths is None:
+        max_widths = engine_for(cfg)["max_widths"] if cfg.train_mode == "fast" else 1
     return plan_batches(
         lengths, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.training_seed,
         sequence_length=cfg.sequence_length, mode=cfg.train_mode,
-        bucket_multiple=cfg.bucket_multiple, bucket_shapes=cfg.bucket_shapes,
+        bucket_multiple=cfg.bucket_multiple, bucket_shapes=max_widths,
     )
 
 
@@ -187,32 +192,64 @@ def gpus_with_bfloat16() -> list[str]:
     return out
 
 
+def cpu_has_bfloat16() -> bool:
+    """AMX-BF16 on this CPU: oneDNN then runs bfloat16 matmuls ~2.5x faster than float32 (measured
+    on the 2-core Xeon of the CPU benchmark); without it bfloat16 only emulates."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def engine_for(cfg: Config) -> dict:
+    """How training runs on this device: XLA or not, the dtype policy and the most batch widths.
+
+    tutorial: XLA as `jit_compile` says, one width. fast: on a GPU, XLA (each batch width is one
+    compilation, so at most `bucket_shapes` widths); on a CPU a plain TensorFlow graph, which Keras
+    traces once for batches of any width (the dataset's width is None), so every batch takes the
+    next multiple of `bucket_multiple` (max_widths 0 = no limit). Mixed bfloat16: see the config key
+    mixed_precision. A resumed run resumes only a checkpoint made with the same engine.
+    """
+    if cfg.train_mode == "fast":
+        xla = has_gpu()
+        native_bf16 = bool(gpus_with_bfloat16()) if xla else cpu_has_bfloat16()
+        max_widths = cfg.bucket_shapes if xla else 0
+    else:
+        xla, native_bf16, max_widths = cfg.jit_compile, False, 1
+    if cfg.mixed_precision == "bfloat16" or (cfg.mixed_precision == "auto" and native_bf16):
+        policy = "mixed_bfloat16"
+    else:
+        policy = "float32"
+    return {"jit_compile": xla, "dtype_policy": policy, "max_widths": max_widths}
+
+
 def dtype_policy_for(cfg: Config) -> str:
     """The Keras dtype policy training runs under (see the config key mixed_precision)."""
-    if cfg.mixed_precision == "bfloat16":
-        return "mixed_bfloat16"
-    if cfg.mixed_precision == "auto" and cfg.train_mode == "fast" and gpus_with_bfloat16():
-        return "mixed_bfloat16"
-    return "float32"
+    return engine_for(cfg)["dtype_policy"]
 
 
-def compile_for_training(lm, cfg: Config, optimizer) -> dict:
+def compile_for_training(lm, cfg: Config, optimizer, engine: dict | None = None) -> dict:
     """Compile `lm` for the configured mode; returns what was chosen (recorded in result.json)."""
     import keras
 
+    engine = engine or engine_for(cfg)
     if cfg.train_mode == "fast":
         loss = padded_batch_loss(cfg.batch_size, cfg.sequence_length)
-        jit = True  # XLA: on CPU it roughly halves Gemma's step; widths are bounded by bucket_shapes
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        jit = cfg.jit_compile
     lm.compile(
         loss=loss,
         optimizer=optimizer,
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
-        jit_compile=jit,
+        jit_compile=engine["jit_compile"],
     )
-    return {"train_mode": cfg.train_mode, "jit_compile": jit, "loss": type(loss).__name__}
+    return {"train_mode": cfg.train_mode, "jit_compile": engine["jit_compile"], "loss": type(loss).__name__}
 
 
 def build_optimizer(cfg: Config):
@@ -229,15 +266,15 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     def body(out: Path) -> dict:
         import keras
 
-        policy = dtype_policy_for(cfg)
+        engine = engine_for(cfg)
         previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(policy)
+        keras.config.set_dtype_policy(engine["dtype_policy"])
         try:
-            return tune(out, policy)
+            return tune(out, engine)
         finally:
             keras.config.set_dtype_policy(previous)
 
-    def tune(out: Path, policy: str) -> dict:
+    def tune(out: Path, engine: dict) -> dict:
         import keras
 
         from tasks.models import load_causal_lm
@@ -247,7 +284,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         heldout = storage.read_jsonl(pre_dir / "heldout.jsonl")[: cfg.eval_examples]
         # Seed before the model (and its tokenizer) is built.
         keras.utils.set_random_seed(cfg.training_seed)
-        ckpt = Checkpoints(checkpoint_dir(run_dir), fp)
+        policy = engine["dtype_policy"]
+        ckpt = Checkpoints(checkpoint_dir(run_dir), f"{fp}/{policy}/xla={engine['jit_compile']}/{engine['max_widths']}")
         resume = ckpt.latest()
 
         t0 = time.time()
@@ -261,8 +299,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         lm.backbone.enable_lora(rank=cfg.lora_rank)
         trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
         optimizer = build_optimizer(cfg)
-        compiled = compile_for_training(lm, cfg, optimizer)
-        plan = train_plan(input_lengths(enc), cfg)
+        compiled = compile_for_training(lm, cfg, optimizer, engine)
+        plan = train_plan(input_lengths(enc), cfg, engine["max_widths"])
         total = len(plan)
         orders = plan_orders(plan, len(train))
         fed = rows_fed(plan, cfg)
@@ -330,6 +368,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "training": {
                 **compiled,
                 "dtype_policy": policy,
+                "max_widths": engine["max_widths"],
                 "widths": dict(sorted(collections.Counter(widths).items())),
             },
             "heldout_base": base_scores,

@@ -109,6 +109,16 @@ def test_choose_widths_pads_least():
         assert len(got) <= k and got[-1] == cands[-1] and cost(got) == best
 
 
+def test_unlimited_widths_give_every_batch_the_next_multiple():
+    needed = [3, 17, 40, 41, 100, 256, 300]
+    assert choose_widths(needed, 256, 16, 0) == [16, 32, 48, 112, 256]
+    lengths = [5, 9, 30, 31, 64, 65, 200, 256] * 4
+    plan = plan_batches(lengths, batch_size=2, epochs=1, seed=0, sequence_length=256, mode="fast",
+                        bucket_multiple=8, bucket_shapes=0)
+    for step in plan:
+        assert step.width == min(-(-max(lengths[i] for i in step.rows) // 8) * 8, 256)
+
+
 def test_short_fast_batch_is_filled_with_zero_weight_rows_and_rescaled():
     tok = load_tokenizer("tiny:gemma")
     rows = [example("Name a colour.", "Blue."), example("Name a fruit.", "A pear, often green.")]
