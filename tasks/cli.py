@@ -31,14 +31,21 @@ def setup_logging() -> None:
         )
 
 
-def stage_argv(stage: str, config: str, run_dir: str, overrides: dict | None = None) -> list[str]:
-    """The argv after `python -m tasks.<stage>`; overrides in a stable order."""
+def stage_argv(stage: str, config: str, run_dir: str, overrides: dict | None = None, variant: str | None = None) -> list[str]:
+    """The argv after `python -m tasks.<stage>`; overrides in a stable order, then the variant (a
+    sweep's spec as JSON, see tasks.sweep), whose overrides come last and win."""
     argv = ["--config", config, "--run-dir", str(run_dir)]
     for key in sorted(overrides or {}):
         value = overrides[key]
-        text = json.dumps(value) if isinstance(value, bool) else str(value)
+        text = json.dumps(value) if isinstance(value, (bool, list, tuple, dict)) else str(value)
         argv += ["--set", f"{key}={text}"]
+    if variant is not None:
+        argv += ["--variant", variant]
     return argv
+
+
+def error_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / f"{stage}.error.json"
 
 
 def stage_main(
@@ -58,18 +65,43 @@ def stage_main(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)"
     )
     ap.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
+    ap.add_argument(
+        "--variant", default=None, metavar="JSON",
+        help="a sweep variant's spec (see tasks.sweep): its overrides win over --set, its outputs go to "
+        "<run dir>/variants/<name>",
+    )
     args = ap.parse_args(argv)
     setup_logging()
+    run_dir = args.run_dir
     try:
-        cfg = load_config(args.config, parse_overrides(args.set))
+        overrides = parse_overrides(args.set)
+        if args.variant is not None:
+            from tasks.sweep import parse_spec, variant_dir
+
+            spec = parse_spec(args.variant)
+            overrides = {k: v for k, v in overrides.items() if k != "variants"}
+            overrides.update(spec["overrides"])
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         ap.exit(2, f"python -m tasks.{stage}: error: {e}\n")
-    log.info("stage %s: run dir %s, config %s", stage, args.run_dir, args.config)
-    if os.environ.get("GEMMA_REQUIRE_GPU") == "1":
-        from tasks.gpu_check import require_gpu
+    if args.variant is not None:
+        run_dir = variant_dir(run_dir, spec["name"])
+        log.info("stage %s: variant %s (%s)", stage, spec["name"] or "default", spec.get("label") or "as configured")
+    log.info("stage %s: run dir %s, config %s", stage, run_dir, args.config)
+    # A failure leaves its reason beside the outputs, where the report (also for a pod) finds it.
+    failure = error_path(run_dir, stage)
+    failure.unlink(missing_ok=True)
+    try:
+        if os.environ.get("GEMMA_REQUIRE_GPU") == "1":
+            from tasks.gpu_check import require_gpu
 
-        require_gpu()
-    result = run(cfg, args.run_dir, args.force)
+            require_gpu()
+        result = run(cfg, run_dir, args.force)
+    except Exception as e:
+        # Only beside outputs that exist: a stage that failed before writing anything leaves nothing.
+        if run_dir.is_dir():
+            failure.write_text(json.dumps({"stage": stage, "error": f"{type(e).__name__}: {e}"[:4000]}), encoding="utf-8")
+        raise
     if os.environ.get("GEMMA_WRITE_XCOM") == "1":
         XCOM_RETURN.parent.mkdir(parents=True, exist_ok=True)
         XCOM_RETURN.write_text(json.dumps(result))

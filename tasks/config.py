@@ -113,6 +113,13 @@ class Config:
     # Held-out prompts both models answer, scored with ROUGE-L against the reference responses.
     heldout_generate_examples: int = 100
 
+    # -- sweep -------------------------------------------------------------------------------
+    # Several LoRA variants in one run: a list of override mappings over the training keys in
+    # VARIANT_KEYS, e.g. [{lora_rank: 4}, {lora_rank: 8, learning_rate: 1e-4}]. Each variant is
+    # fine-tuned and answers the prompts in its own folder (<run dir>/variants/v<i>); the report
+    # compares them and the best one that passes the gate is promoted. Empty: one fine-tune, as is.
+    variants: tuple = ()
+
     # -- quality gate: the tuned model passes when all three hold ----------------------------------
     # tuned ROUGE-L >= base ROUGE-L - margin (held-out answers vs reference responses)
     gate_rouge_l_margin: float = 0.0
@@ -137,6 +144,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("auto", "off", "bfloat16"),
     "bad_record_policy": ("skip", "fail"),
 }
+# What a sweep variant may change: how the adapter is trained. The data, the base model and the
+# generation settings stay the run's, so every variant is compared on the same prompts and scores.
+VARIANT_KEYS = (
+    "sequence_length", "lora_rank", "learning_rate", "weight_decay", "epochs", "batch_size",
+    "training_seed", "loss_tokens", "train_mode", "bucket_multiple", "bucket_shapes", "mixed_precision",
+    "jit_compile",
+)
+MAX_VARIANTS = 16
 # (minimum, maximum) inclusive; None means unbounded.
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "hub_timeout_s": (1, 600),
@@ -165,7 +180,40 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
+def coerce_variants(value: Any, source: str) -> tuple[dict[str, Any], ...]:
+    """The `variants` key: a list (or its JSON/YAML text) of override mappings over VARIANT_KEYS."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else []
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config key 'variants' ({source}): not a JSON/YAML list: {e}") from e
+    if value is None:
+        value = []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key 'variants' ({source}): expected a list of mappings, got {type(value).__name__}")
+    if len(value) > MAX_VARIANTS:
+        raise ConfigError(f"config key 'variants' ({source}): {len(value)} variants; at most {MAX_VARIANTS}")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"{source}, variants[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"config key 'variants' ({where}): expected a mapping of keys to values, got {item!r}")
+        bad = sorted(set(map(str, item)) - set(VARIANT_KEYS))
+        if bad:
+            raise ConfigError(
+                f"config key 'variants' ({where}): {bad} cannot vary between variants; "
+                f"a variant may set {list(VARIANT_KEYS)}"
+            )
+        coerced = {k: _coerce(k, item[k], where) for k in sorted(item)}
+        if coerced in out:
+            raise ConfigError(f"config key 'variants' ({where}): the same overrides as variants[{out.index(coerced)}]")
+        out.append(coerced)
+    return tuple(out)
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
+    if key == "variants":
+        return coerce_variants(value, source)
     want = FIELD_TYPES[key]
     if isinstance(value, str) and want is not str:
         # Values from `--set k=v` arrive as text: read them as YAML scalars ("5e-5", "true").

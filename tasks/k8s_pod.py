@@ -45,6 +45,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "startup_timeout": ("900", "seconds a pod may take to be scheduled, and then to start (GPU node scale-up, image pull)"),
     "finetune_timeout": ("", "minutes the finetune task may run; empty: the DAG's 12 h"),
     "generate_timeout": ("", "minutes the generate task may run; empty: the DAG's 2 h"),
+    "max_parallel_pods": ("4", "in a sweep: at most this many variants' pods of one stage run at the same time (max_active_tis_per_dag)"),
+    "pool": ("default_pool", "Airflow pool the GPU tasks take a slot of (size a pool to your GPUs to bound all DAGs together)"),
     "retries": ("1", "task retries (a GPU node can be preempted; a rerun skips finished work)"),
     "on_finish_action": ("delete_pod", "delete_pod, delete_succeeded_pod, delete_active_pod or keep_pod (a kept pod that never started still holds its GPU)"),
     "allow_cpu": ("false", "let the stage continue on CPU when the pod sees no GPU"),
@@ -86,6 +88,8 @@ class PodSettings:
     kaggle_key_key: str
     startup_timeout: int
     timeouts: dict[str, dt.timedelta]
+    max_parallel_pods: int
+    pool: str
     retries: int
     on_finish_action: str
     allow_cpu: bool
@@ -233,6 +237,8 @@ def pod_settings() -> PodSettings:
             for stage in ("finetune", "generate")
             if raw[f"{stage}_timeout"][0]
         },
+        max_parallel_pods=whole("max_parallel_pods", 1, 1024),
+        pool=text("pool", re.compile(r"^[A-Za-z0-9_.-]{1,256}$")),
         retries=whole("retries", 0, 10),
         on_finish_action=choice("on_finish_action", ("delete_pod", "delete_succeeded_pod", "delete_active_pod", "keep_pod")),
         allow_cpu=allow_cpu,
@@ -269,8 +275,12 @@ def _explain_failure_callback(settings: PodSettings):
     return ExplainFailure
 
 
-def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt.timedelta):
-    """The KubernetesPodOperator that runs `python -m tasks.<task_id> <arguments>` in a GPU pod."""
+def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt.timedelta,
+                       map_index_template: str | None = None):
+    """The KubernetesPodOperator that runs `python -m tasks.<task_id> <arguments>` in a GPU pod.
+
+    In the DAG it sits in the mapped `variant` group: one pod per sweep variant, at most
+    max_parallel_pods of them at a time, each taking a slot of `pool`."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
@@ -339,6 +349,9 @@ def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt
         # If the worker dies, the pod must not hold its GPU forever.
         active_deadline_seconds=int(execution_timeout.total_seconds()) + s.startup_timeout,
         retries=s.retries,
+        max_active_tis_per_dag=s.max_parallel_pods,
+        pool=s.pool,
+        map_index_template=map_index_template,
         retry_delay=dt.timedelta(minutes=5),
         on_finish_action=s.on_finish_action,
         get_logs=True,

@@ -1,6 +1,7 @@
 """python -m tasks.promote --config cpu_demo --run-dir DIR
 
-Stage 6: apply the quality gate's verdict (computed by `report`, stored in report/metrics.json).
+Stage 6: apply the quality gate's verdict (computed by `report`, stored in report/metrics.json; in
+a sweep, for the best variant that passed).
 A passing run becomes the champion: `champion.json` beside the run folders names its adapter, run
 id and key metrics (the previous champion is kept in `champion_history.jsonl`). A failing run
 promotes nothing; in the DAG the `promote` task is then marked *skipped*, so the run's grid shows
@@ -13,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import storage
+from tasks import storage, sweep
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
 
@@ -29,21 +30,28 @@ def champion_path(run_dir: Path) -> Path:
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     rep = storage.require(run_dir, "report", STAGE)
-    tune = storage.require(run_dir, "finetune", STAGE)
 
     def body(out: Path) -> dict:
         m = storage.read_json(storage.stage_dir(run_dir, "report") / "metrics.json")
         verdict = m["gate"]
         failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
+        # In a sweep the report picked the variant: the best one that passed the gate (see report).
+        name = m.get("variant", "")
         if not verdict["passed"]:
-            log.warning("promote: quality gate FAILED (%s); the champion stays as it is", ", ".join(failed))
+            log.warning("promote: quality gate FAILED (%s%s); the champion stays as it is",
+                        ", ".join(failed), " for every variant" if name else "")
             record = {"promoted": False, "failed_checks": failed}
         else:
+            vdir = Path(run_dir) / sweep.VARIANTS_DIR / name if name else Path(run_dir)
+            tune = storage.require(vdir, "finetune", STAGE)
+            overrides = next((v["overrides"] for v in m.get("variants", []) if v["name"] == name), {})
             champion = {
                 "run_id": Path(run_dir).name,
+                "variant": name or None,
+                "variant_overrides": overrides,
                 "adapter": tune["result"]["adapter"],
                 "model_preset": cfg.model_preset,
-                "lora_rank": cfg.lora_rank,
+                "lora_rank": overrides.get("lora_rank", cfg.lora_rank),
                 "metrics": {
                     "rouge_l": m["heldout"]["rouge_l"],
                     "eos_stop_rate": m["eos_stop_rate"],

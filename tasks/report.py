@@ -5,10 +5,17 @@ from elsewhere) that reads the run directory: run summary (config, dataset manif
 per stage), held-out scores before and after tuning, the training curve, and every prompt of the
 suite with the base and the tuned answer side by side. Rendered with Jinja, autoescape on and
 StrictUndefined: dataset text and model output are untrusted and always reach the HTML escaped.
+
+In a sweep (see tasks.sweep) it first compares the variants: one metric table with a row per
+variant and the base model, the training curves overlaid, every suite prompt's answers in columns,
+failed variants with their errors. The gate is applied to every variant that finished; the best one
+that passes (highest held-out ROUGE-L, then lowest perplexity) is the one `promote` promotes, and the
+detailed sections below show it (or, when none passes, the best that finished).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -16,8 +23,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from tasks import storage
-from tasks.cli import stage_main
+from tasks import storage, sweep
+from tasks.cli import error_path, stage_main
 from tasks.config import Config, fingerprint
 from tasks.evaluation import evaluate
 from tasks.evaluation import history as evaluation_history
@@ -28,6 +35,9 @@ STAGE = "report"
 REPORT = "report.html"
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STAGES = ("snapshot", "preprocess", "finetune", "generate")
+VARIANT_STAGES = ("finetune", "generate")
+# Line colours of overlaid curves (one per variant).
+PALETTE = ("#0b6bcb", "#c5221f", "#137333", "#e37400", "#8430ce", "#007b83", "#b80672", "#5f6368")
 VERSIONED = ("apache-airflow", "tensorflow", "keras", "keras-hub", "jinja2", "datasets")
 
 
@@ -56,9 +66,9 @@ def line_chart(series: dict[str, list[float]], width: int = 640, height: int = 2
     xs = lambda i: pad + (width - 2 * pad) * (i / max(n - 1, 1))  # noqa: E731
     ys_ = lambda v: height - pad - (height - 2 * pad) * ((v - lo) / (hi - lo))  # noqa: E731
     lines = []
-    for name, ys in series.items():
+    for k, (name, ys) in enumerate(series.items()):
         pts = " ".join(f"{xs(i):.1f},{ys_(v):.1f}" for i, v in enumerate(ys) if v == v)
-        lines.append({"name": name, "points": pts})
+        lines.append({"name": name, "points": pts, "color": PALETTE[k % len(PALETTE)] if len(series) > 1 else None})
     ticks = [{"y": round(ys_(lo + (hi - lo) * f), 1), "label": f"{lo + (hi - lo) * f:.3g}"} for f in (0, 0.5, 1)]
     return {"empty": False, "width": width, "height": height, "pad": pad, "lines": lines, "ticks": ticks, "steps": n}
 
@@ -102,6 +112,104 @@ def cards(answers: dict, evaluation: dict) -> list[dict]:
     return out
 
 
+def variant_config(cfg: Config, spec: dict) -> Config:
+    return dataclasses.replace(cfg, **spec["overrides"], variants=())
+
+
+def variant_states(cfg: Config, run_dir: Path, plan: list[dict]) -> list[dict]:
+    """Each planned variant: finished (both stages published, no error recorded) or failed, why."""
+    out = []
+    for spec in plan:
+        vdir = Path(run_dir) / sweep.VARIANTS_DIR / spec["name"] if spec["name"] else Path(run_dir)
+        state = {**spec, "dir": str(vdir), "status": "ok", "error": None, "failed_stage": None}
+        for stage in VARIANT_STAGES:
+            err = error_path(vdir, stage)
+            if err.is_file():
+                state.update(status="failed", failed_stage=stage, error=storage.read_json(err)["error"])
+                break
+            if storage.completed(vdir, stage) is None:
+                state.update(status="failed", failed_stage=stage,
+                             error=f"stage {stage} did not finish and recorded no error (killed, or never started: see its task log)")
+                break
+        out.append(state)
+    return out
+
+
+def rank_key(ev: dict) -> tuple:
+    """Best variant first: highest held-out ROUGE-L, then lowest response perplexity."""
+    rouge = ev["heldout"]["rouge_l"]["tuned"]
+    ppl = ev["perplexity"]["tuned"]
+    return (rouge if rouge is not None else -1.0, -(ppl if ppl is not None else float("inf")))
+
+
+def evaluate_sweep(cfg: Config, run_dir: Path, plan: list[dict]) -> dict:
+    """Every finished variant evaluated and gated; which one is shown and which is promoted."""
+    states = variant_states(cfg, run_dir, plan)
+    for s in states:
+        s["ev"] = evaluate(variant_config(cfg, s), Path(s["dir"])) if s["status"] == "ok" else None
+    done = [s for s in states if s["ev"]]
+    if not done:
+        raise storage.StageInputError(
+            "no variant finished: " + "; ".join(f"{s['name'] or 'default'}: {s['error']}" for s in states)
+        )
+    passing = [s for s in done if s["ev"]["gate"]["passed"]]
+    shown = max(passing or done, key=lambda s: rank_key(s["ev"]))
+    return {"states": states, "shown": shown, "promotable": shown["name"] if passing else None}
+
+
+def variant_summary(s: dict) -> dict:
+    row = {k: s[k] for k in ("index", "name", "label", "overrides", "status", "error", "failed_stage")}
+    ev = s["ev"]
+    if ev:
+        row.update(
+            rouge_l=ev["heldout"]["rouge_l"]["tuned"],
+            rouge_l_delta_ci=ev["heldout"]["rouge_l_delta_ci"],
+            perplexity=ev["perplexity"]["tuned"],
+            heldout_loss=ev["heldout_loss"]["tuned"],
+            eos_stop_rate=ev["eos_stop_rate"]["tuned"],
+            gate_passed=ev["gate"]["passed"],
+            failed_checks=[c["name"] for c in ev["gate"]["checks"] if not c["passed"]],
+        )
+    return row
+
+
+def sweep_context(cfg: Config, result: dict) -> dict:
+    """The comparison section: table rows, overlaid curves, answers per prompt in columns."""
+    states = result["states"]
+    done = [s for s in states if s["ev"]]
+    rows, curves, columns = [], {}, []
+    for s in states:
+        row = variant_summary(s)
+        if s["ev"]:
+            d = Path(s["dir"])
+            ft = storage.read_json(d / "finetune" / "result.json")
+            answers = storage.read_json(d / "generate" / "answers.json")
+            history = storage.read_json(d / "finetune" / "history.json")
+            row.update(train_s=ft["timings_s"]["train"], real_per_s=ft["tokens"]["real_per_s"], steps=ft["steps"],
+                       final_loss=ft["final_loss"])
+            curves[f"{s['name']}: {s['label']}"] = [h["loss"] for h in history]
+            columns.append({"name": s["name"], "label": s["label"], "answers": {a["id"]: a for a in answers["models"]["tuned"]}})
+        rows.append(row)
+    shown = result["shown"]
+    base_answers = storage.read_json(Path(shown["dir"]) / "generate" / "answers.json")["models"]["base"]
+    prompts = [{"id": a["id"], "category": a["category"], "prompt": a["prompt"], "base": a,
+                "variants": [c["answers"].get(a["id"]) for c in columns]} for a in base_answers]
+    ev = shown["ev"]
+    return {
+        "rows": rows,
+        "base": {"rouge_l": ev["heldout"]["rouge_l"]["base"], "perplexity": ev["perplexity"]["base"],
+                 "heldout_loss": ev["heldout_loss"]["base"], "eos_stop_rate": ev["eos_stop_rate"]["base"]},
+        "columns": columns,
+        "prompts": prompts,
+        "loss_chart": line_chart(curves),
+        "shown": shown["name"],
+        "shown_label": shown["label"],
+        "promotable": result["promotable"],
+        "finished": len(done),
+        "failed": len(states) - len(done),
+    }
+
+
 def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
     done = {s: storage.require(run_dir, s, STAGE) for s in STAGES}
     d = lambda s: storage.stage_dir(run_dir, s)  # noqa: E731
@@ -131,6 +239,7 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
         "loss_chart": line_chart({"loss per step": [h["loss"] for h in history]}),
         "accuracy_chart": line_chart({"token accuracy (running)": [h["accuracy_running"] for h in history]}),
         "versions": versions(),
+        "sweep": None,  # the comparison section (sweep_context), when the run has variants
     }
 
 
@@ -139,23 +248,45 @@ def render(context: dict) -> str:
 
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in STAGES]
+    # Without a published plan (stages run by hand), the plan is the config's.
+    plan = sweep.read_plan(run_dir) if storage.completed(run_dir, sweep.STAGE) else sweep.plan_variants(cfg)
+    # The report depends on what each variant produced, or on why it failed.
+    states = [
+        (s["name"], s["status"], s["error"],
+         [(storage.completed(s["dir"], st) or {}).get("fingerprint") for st in VARIANT_STAGES])
+        for s in variant_states(cfg, run_dir, plan)
+    ]
+    upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in ("snapshot", "preprocess")]
 
     def body(out: Path) -> dict:
-        evaluation = evaluate(cfg, run_dir)
-        evaluation["model_preset"] = cfg.model_preset
+        result = evaluate_sweep(cfg, run_dir, plan)
+        shown = result["shown"]
+        evaluation = dict(shown["ev"], model_preset=cfg.model_preset, variant=shown["name"],
+                          variant_label=shown["label"], promotable=result["promotable"],
+                          variants=[variant_summary(s) for s in result["states"]])
         storage.write_json(out / "metrics.json", evaluation)
-        html = render(gather(cfg, run_dir, evaluation))
+        context = gather(variant_config(cfg, shown), Path(shown["dir"]), evaluation)
+        context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, history=evaluation_history(run_dir),
+                       sweep=sweep_context(cfg, result) if plan[0]["name"] else None)
+        html = render(context)
         (out / REPORT).write_text(html, encoding="utf-8")
         path = storage.stage_dir(run_dir, STAGE) / REPORT
         verdict = "PASSED" if evaluation["gate"]["passed"] else "FAILED"
+        if plan[0]["name"]:
+            for s in result["states"]:
+                row = variant_summary(s)
+                log.info("report: variant %s (%s): %s", s["name"], s["label"],
+                         f"ROUGE-L {row['rouge_l']}, perplexity {row['perplexity']}, gate {'pass' if row['gate_passed'] else 'fail'}"
+                         if s["ev"] else f"FAILED in {s['failed_stage']}: {s['error']}")
+            log.info("report: promotable variant: %s", result["promotable"] or "none (no variant passed the gate)")
         log.info("report: quality gate %s; wrote %s (%d KB)", verdict, path, len(html) // 1024)
-        return {"report": str(path), "gate_passed": evaluation["gate"]["passed"]}
+        return {"report": str(path), "gate_passed": evaluation["gate"]["passed"], "variant": result["promotable"]}
 
     # Templates are inputs too: editing one re-renders the report.
     tmpl = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in TEMPLATES.glob("*"))
     gate_cfg = cfg.subset(("gate_rouge_l_margin", "gate_eos_rate_margin", "gate_perplexity_margin"))
-    return storage.run_stage(run_dir, STAGE, fingerprint(STAGE, upstream, tmpl, gate_cfg), body, force)
+    fp = fingerprint(STAGE, upstream, plan, states, tmpl, gate_cfg)
+    return storage.run_stage(run_dir, STAGE, fp, body, force)
 
 
 def main(argv=None) -> dict:

@@ -11,7 +11,7 @@ from tasks.config import load_config, read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
-STAGES = ["snapshot", "preprocess", "finetune", "generate", "report", "promote"]
+STAGES = ["snapshot", "preprocess", "sweep", "finetune", "generate", "report", "promote"]
 # A leaf beside the chain: emits the dataset's Asset event only when the snapshot changed.
 LEAVES = {"snapshot_changed": "snapshot"}
 ML_LIBS = ("tensorflow", "keras", "keras_hub", "keras_nlp", "datasets", "kagglehub", "jax", "torch")
@@ -29,7 +29,8 @@ def dag(airflow_db):
 def test_edges_are_exactly_the_stage_chain(dag):
     assert sorted(t.task_id for t in dag.tasks) == sorted(STAGES + list(LEAVES))
     edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
-    assert edges == set(zip(STAGES, STAGES[1:])) | {(up, leaf) for leaf, up in LEAVES.items()}
+    # generate also reads the sweep's plan (the mapped group's input).
+    assert edges == set(zip(STAGES, STAGES[1:])) | {(up, leaf) for leaf, up in LEAVES.items()} | {("sweep", "generate")}
 
 
 def test_only_snapshot_changed_produces_the_dataset_asset(dag):

@@ -10,7 +10,9 @@ import pytest
 
 from tests.conftest import airflow_bin
 
-STAGES = ["snapshot", "preprocess", "finetune", "generate", "report", "promote"]
+STAGES = ["snapshot", "preprocess", "sweep", "finetune", "generate", "report", "promote"]
+# Mapped over the sweep's variants (one instance when there are none).
+MAPPED = {"finetune", "generate"}
 
 
 def run_dir_of(dag_run) -> Path:
@@ -34,7 +36,9 @@ def test_dag_test_runs_every_stage(dag_run):
     from airflow.utils.state import DagRunState
 
     assert dag_run.state == DagRunState.SUCCESS
-    states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    tis = dag_run.get_task_instances()
+    states = {ti.task_id: ti.state for ti in tis}
+    assert sorted((ti.task_id, ti.map_index) for ti in tis if ti.task_id in MAPPED) == [("finetune", 0), ("generate", 0)]
     run_dir = run_dir_of(dag_run)
     # The gate decides promote's state: success when it passed, skipped (not failed) when it did not.
     # The Asset leaf succeeds (an event) when the snapshot changed, else it is skipped (no event); the
@@ -62,7 +66,7 @@ def tasks_test(task_id: str, run_id: str, *extra: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("task_id", STAGES)
 def test_each_task_through_airflow_tasks_test(dag_run, task_id):
-    state, log = tasks_test(task_id, dag_run.run_id)
+    state, log = tasks_test(task_id, dag_run.run_id, *(["--map-index", "0"] if task_id in MAPPED else []))
     expected = expected_promote_state(run_dir_of(dag_run)) if task_id == "promote" else "success"
     assert state == expected, log[-3000:]
     assert f"running: python -m tasks.{task_id} --config tiny_test" in log

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -48,27 +49,38 @@ def k8s_dag_module():
 class StubTaskInstance:
     """What the operator reads from `context["ti"]`; records XCom pushes."""
 
-    def __init__(self, dag_id: str, task_id: str):
+    def __init__(self, dag_id: str, task_id: str, map_index: int = -1, upstream: dict | None = None):
         self.dag_id, self.task_id = dag_id, task_id
-        self.map_index, self.try_number = -1, 1
+        self.map_index, self.try_number = map_index, 1
         self.start_date = dt.datetime.now(dt.timezone.utc)
         self.xcoms: dict[str, object] = {}
+        self.upstream = upstream or {}
 
     def xcom_push(self, key, value) -> None:
         self.xcoms[key] = value
 
+    def xcom_pull(self, task_ids: str, key: str = "return_value"):
+        """The return values of upstream tasks (the sweep's plan for the mapped GPU stages)."""
+        return self.upstream[task_ids]
 
-def task_context(dag, task, run_id: str = RUN_ID, conf: dict | None = None) -> dict:
-    """A run-time context as the task runner builds it: params resolved with the trigger's conf."""
+
+def task_context(dag, task, run_id: str = RUN_ID, conf: dict | None = None, map_index: int = 0) -> dict:
+    """A run-time context as the task runner builds it: params resolved with the trigger's conf; the
+    `sweep` task's plan for those params, as the mapped instance `map_index` pulls it."""
+    from tasks.config import load_config
+    from tasks.sweep import plan_variants
+
     params = copy.deepcopy(dag.params)
     for key, value in (conf or {}).items():
         params[key] = value
+    params = params.validate()
+    plan = plan_variants(load_config("gemma_2b_lora", {"variants": json.dumps(params.get("variants", []))}))
     return {
         "dag": dag,
         "task": task,
         "run_id": run_id,
-        "params": params.validate(),
-        "ti": StubTaskInstance(dag.dag_id, task.task_id),
+        "params": params,
+        "ti": StubTaskInstance(dag.dag_id, task.task_id, map_index, {"sweep": plan}),
     }
 
 

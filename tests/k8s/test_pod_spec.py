@@ -34,10 +34,11 @@ class _Response:
         self.data = json.dumps(data)
 
 
-def render_pod(dag, stage: str, run_id: str = RUN_ID, conf: dict | None = None) -> tuple[dict, V1Pod]:
-    """(the pod as the JSON the API server would get, the same read back as a V1Pod)."""
+def render_pod(dag, stage: str, run_id: str = RUN_ID, conf: dict | None = None, map_index: int = 0) -> tuple[dict, V1Pod]:
+    """(the pod as the JSON the API server would get, the same read back as a V1Pod), for the mapped
+    instance `map_index` (the sweep's variant of that index)."""
     op = copy.deepcopy(dag.get_task(stage))
-    ctx = task_context(dag, op, run_id, conf)
+    ctx = task_context(dag, op, run_id, conf, map_index)
     op.render_template_fields(ctx)
     pod = op.build_pod_request_obj(ctx, dry_run=True)
     client = ApiClient()
@@ -45,10 +46,12 @@ def render_pod(dag, stage: str, run_id: str = RUN_ID, conf: dict | None = None) 
     return manifest, client.deserialize(_Response(manifest), "V1Pod")
 
 
-def local_argv(module, stage: str, run_id: str, params: dict) -> list[str]:
-    """What the local runner (`argv_for`) passes to `tasks.<stage>.main` for these params and run id."""
-    overrides = {k: v for k, v in params.items() if k in module.PARAMS}
-    return module.stage_argv(stage, module.CONFIG, str(module.run_dir_for(run_id)), overrides)
+def local_argv(module, stage: str, run_id: str, params: dict, spec: dict) -> list[str]:
+    """What the local runner (`argv_for`) passes to `tasks.<stage>.main` for these params, run id
+    and variant spec."""
+    overrides = {k: v for k, v in params.items() if k in module.PARAMS and k not in module.VARIANT_PARAMS}
+    return module.stage_argv(stage, module.CONFIG, str(module.run_dir_for(run_id)), overrides,
+                             json.dumps(spec, sort_keys=True))
 
 
 def base_container(pod: V1Pod):
@@ -130,8 +133,8 @@ def restricted_violations(pod: V1Pod) -> list[str]:
 def test_pod_argv_is_the_local_runners_argv(k8s_dag_module, stage, conf):
     dag, module = k8s_dag_module
     _, pod = render_pod(dag, stage, RUN_ID, conf)
-    params = task_context(dag, dag.get_task(stage), RUN_ID, conf)["params"]
-    expected = local_argv(module, stage, RUN_ID, params)
+    ctx = task_context(dag, dag.get_task(stage), RUN_ID, conf)
+    expected = local_argv(module, stage, RUN_ID, ctx["params"], ctx["ti"].upstream["sweep"][0])
     assert base_container(pod).args == expected
     assert expected[:2] == ["--config", "gemma_2b_lora"]  # the kubernetes runner's default config
     if conf:
@@ -149,9 +152,59 @@ def test_the_stage_cli_accepts_the_rendered_argv(k8s_dag_module, stage):
     _, pod = render_pod(dag, stage, RUN_ID, TRIGGER_CONF)
     ap = argparse.ArgumentParser()
     ap.add_argument("--config"), ap.add_argument("--run-dir"), ap.add_argument("--set", action="append")
+    ap.add_argument("--variant")
     args = ap.parse_args(base_container(pod).args)
     cfg = load_config(args.config, parse_overrides(args.set))
     assert cfg.learning_rate == 0.0001 and cfg.lora_rank == 8 and cfg.num_examples == 24
+    assert json.loads(args.variant) == {"index": 0, "name": "", "label": "as configured", "overrides": {}}
+
+
+SWEEP_CONF = {**TRIGGER_CONF, "variants": [{"lora_rank": 4}, {"lora_rank": 16, "learning_rate": 0.0002}, {}]}
+
+
+@pytest.mark.parametrize("stage", GPU_STAGES)
+def test_each_mapped_pod_carries_its_own_variant(k8s_dag_module, stage, tmp_path):
+    """One pod per variant: the rendered argv of mapped instance i names variant i and its overrides,
+    and the stage's CLI turns them into that variant's config and folder."""
+    from tasks.cli import stage_main
+
+    dag, module = k8s_dag_module
+    seen = []
+    for i, want in enumerate(SWEEP_CONF["variants"]):
+        _, pod = render_pod(dag, stage, RUN_ID, SWEEP_CONF, map_index=i)
+        args = base_container(pod).args
+        spec = json.loads(args[args.index("--variant") + 1])
+        assert spec["index"] == i and spec["name"] == f"v{i}" and spec["overrides"] == want
+        assert not any(a.startswith("variants=") for a in args)  # the sweep's list stays with the sweep
+        ctx = task_context(dag, dag.get_task(stage), RUN_ID, SWEEP_CONF, i)
+        assert args == local_argv(module, stage, RUN_ID, ctx["params"], spec)
+
+        # The stage's own CLI with this argv (run dir moved to tmp_path; a stand-in run() records).
+        argv = list(args)
+        argv[argv.index("--run-dir") + 1] = str(tmp_path / "run")
+        stage_main(stage, None, lambda cfg, run_dir, force: seen.append((cfg, run_dir)) or {}, argv)
+    cfgs = [cfg for cfg, _ in seen]
+    assert [c.lora_rank for c in cfgs] == [4, 16, 8]  # the third variant keeps the trigger's lora_rank
+    assert [c.learning_rate for c in cfgs] == [0.0001, 0.0002, 0.0001]
+    assert [c.num_examples for c in cfgs] == [24, 24, 24] and all(c.variants == () for c in cfgs)
+    assert [run_dir for _, run_dir in seen] == [tmp_path / "run" / "variants" / f"v{i}" for i in range(3)]
+    for i in range(3):
+        assert (tmp_path / "run" / "variants" / f"v{i}" / "preprocess").resolve() == (tmp_path / "run" / "preprocess").resolve()
+
+
+def test_sweep_pods_are_bounded_by_a_setting_and_a_pool(monkeypatch):
+    """max_parallel_pods and pool reach both GPU operators (checked on a fresh parse)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in kubernetes_env().items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GEMMA_MAX_PARALLEL_PODS", "2")
+    monkeypatch.setenv("GEMMA_POOL", "gpu_pool")
+    dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+    for stage in GPU_STAGES:
+        op = dag.get_task(stage)
+        assert (op.max_active_tis_per_dag, op.pool) == (2, "gpu_pool")
+        assert op.task_group.group_id == "variant" and type(op.task_group).__name__ == "MappedTaskGroup"
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -205,7 +258,7 @@ def test_dag_parses_in_kubernetes_mode_with_the_same_tasks_and_edges(k8s_dag_mod
     local = parse_in_subprocess({"GEMMA_RUNNER": "local"})
     assert k8s["errors"] == {} and k8s["ml"] == []
     chain = [[a, b] for a, b in zip(module.STAGES, module.STAGES[1:])]
-    assert k8s["edges"] == local["edges"] == sorted(chain + [["snapshot", "snapshot_changed"]])
+    assert k8s["edges"] == local["edges"] == sorted(chain + [["snapshot", "snapshot_changed"], ["sweep", "generate"]])
     assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*module.STAGES, "snapshot_changed"])
     assert {t: k8s["tasks"][t] for t in GPU_STAGES} == {t: "KubernetesPodOperator" for t in GPU_STAGES}
     assert all(k8s["tasks"][t] == local["tasks"][t] for t in module.STAGES if t not in GPU_STAGES)

@@ -1,0 +1,96 @@
+"""A sweep through the whole DAG with `dag.test()`: two tiny LoRA variants trained and compared, and a
+third that fails without sinking the others."""
+
+import datetime as dt
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+VARIANTS = [{"lora_rank": 2}, {"lora_rank": 4, "learning_rate": 0.003}, {"lora_rank": 3}]
+LOGICAL_DATE = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def run_dir_for(run_id: str) -> Path:
+    return Path(os.environ["GEMMA_RUN_ROOT"]) / "runs" / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+
+
+@pytest.fixture(scope="module")
+def sweep_run(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("gemma_lora_finetune")
+    run_id = f"manual__{LOGICAL_DATE.isoformat()}"
+    # Variant v2 meets a broken input: its preprocess link is an empty folder, as if a copy had been
+    # cut short. Its finetune fails with a StageInputError; v0 and v1 must not notice.
+    broken = run_dir_for(run_id) / "variants" / "v2" / "preprocess"
+    broken.mkdir(parents=True)
+    dag_run = dag.test(run_after=LOGICAL_DATE, logical_date=LOGICAL_DATE, run_conf={"num_examples": 24, "variants": VARIANTS})
+    assert dag_run.run_id == run_id
+    return dag_run, run_dir_for(run_id)
+
+
+def test_mapping_expands_one_instance_per_variant_with_its_overrides(sweep_run):
+    dag_run, run_dir = sweep_run
+    tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
+    assert sorted(k for k in tis if k[0] in ("finetune", "generate")) == [
+        (t, i) for t in ("finetune", "generate") for i in range(3)
+    ]
+    plan = json.loads((run_dir / "sweep" / "plan.json").read_text())
+    assert [v["overrides"] for v in plan] == VARIANTS and [v["name"] for v in plan] == ["v0", "v1", "v2"]
+    for i in (0, 1):
+        result = json.loads((run_dir / "variants" / f"v{i}" / "finetune" / "result.json").read_text())
+        assert result["config"]["lora_rank"] == VARIANTS[i]["lora_rank"]
+        assert result["config"]["learning_rate"] == VARIANTS[i].get("learning_rate", 0.01)  # else tiny_test's rate
+        assert result["examples"] == 24
+    # Each variant trains on the run's one preprocessed split (shared, not copied).
+    assert (run_dir / "variants" / "v0" / "preprocess").resolve() == (run_dir / "preprocess").resolve()
+    # The UI names each mapped instance by its variant.
+    assert tis[("finetune", 1)].rendered_map_index == "learning_rate=0.003, lora_rank=4"
+
+
+def test_a_failed_variant_does_not_sink_the_others(sweep_run):
+    from airflow.utils.state import DagRunState
+
+    dag_run, run_dir = sweep_run
+    states = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+    assert [states[("finetune", i)] for i in range(3)] == ["success", "success", "failed"]
+    assert [states[("generate", i)] for i in range(3)] == ["success", "success", "upstream_failed"]
+    assert states[("report", -1)] == "success"
+    gate = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert states[("promote", -1)] == ("success" if gate["promotable"] else "skipped")
+    assert dag_run.state == DagRunState.SUCCESS
+    error = json.loads((run_dir / "variants" / "v2" / "finetune.error.json").read_text())["error"]
+    assert error.startswith("StageInputError") and "variants/v2/preprocess" in error
+
+
+def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_run):
+    _, run_dir = sweep_run
+    m = json.loads((run_dir / "report" / "metrics.json").read_text())
+    rows = {v["name"]: v for v in m["variants"]}
+    assert [rows[n]["status"] for n in ("v0", "v1", "v2")] == ["ok", "ok", "failed"]
+    assert rows["v2"]["failed_stage"] == "finetune" and "StageInputError" in rows["v2"]["error"]
+    finished = [rows["v0"], rows["v1"]]
+    passing = [r for r in finished if r["gate_passed"]]
+    best = max(passing or finished, key=lambda r: (r["rouge_l"], -r["perplexity"]))
+    assert m["variant"] == best["name"] and m["promotable"] == (best["name"] if passing else None)
+    assert m["heldout"]["rouge_l"]["tuned"] == best["rouge_l"]  # the detailed sections are the chosen variant's
+
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "Sweep: 3 variants, 2 finished, " in html and "failed in finetune" in html
+    assert "learning_rate=0.003, lora_rank=4" in html and "StageInputError" in html
+    section = html[html.index('id="sweep"'):html.index('id="verdict"')]
+    # One metric row per variant plus the base model; one answer column per finished variant.
+    assert section.count('<tr id="variant-') == 3
+    assert 'class="group"><td>base</td>' in section
+    assert section.count("<polyline") == 2  # both finished variants' loss curves, overlaid
+    header = section[section.index('<table class="columns">'):]
+    header = header[: header.index("</tr>")]
+    assert header.count("<th>") == 4  # prompt, base, v0, v1
+    if m["promotable"]:
+        champion = json.loads((run_dir.parent / "champion.json").read_text())
+        assert champion["run_id"] == run_dir.name and champion["variant"] == m["promotable"]
+        assert champion["adapter"] == str(run_dir / "variants" / m["promotable"] / "finetune" / "adapter.lora.h5")
+        assert champion["lora_rank"] == rows[m["promotable"]]["overrides"]["lora_rank"]
