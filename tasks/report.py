@@ -177,7 +177,7 @@ def sweep_context(cfg: Config, result: dict) -> dict:
     """The comparison section: table rows, overlaid curves, answers per prompt in columns."""
     states = result["states"]
     done = [s for s in states if s["ev"]]
-    rows, curves, columns = [], {}, []
+    rows, curves, running, columns = [], {}, {}, []
     for s in states:
         row = variant_summary(s)
         if s["ev"]:
@@ -188,6 +188,9 @@ def sweep_context(cfg: Config, result: dict) -> dict:
             row.update(train_s=ft["timings_s"]["train"], real_per_s=ft["tokens"]["real_per_s"], steps=ft["steps"],
                        final_loss=ft["final_loss"])
             curves[f"{s['name']}: {s['label']}"] = [h["loss"] for h in history]
+            # Every variant sees the same batches in the same order, so per-step losses mostly track
+            # the batch; the running mean separates the variants.
+            running[f"{s['name']}: {s['label']}"] = [h.get("loss_running", h["loss"]) for h in history]
             columns.append({"name": s["name"], "label": s["label"], "answers": {a["id"]: a for a in answers["models"]["tuned"]}})
         rows.append(row)
     shown = result["shown"]
@@ -202,6 +205,7 @@ def sweep_context(cfg: Config, result: dict) -> dict:
         "columns": columns,
         "prompts": prompts,
         "loss_chart": line_chart(curves),
+        "running_chart": line_chart(running),
         "shown": shown["name"],
         "shown_label": shown["label"],
         "promotable": result["promotable"],

@@ -85,7 +85,7 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
     # One metric row per variant plus the base model; one answer column per finished variant.
     assert section.count('<tr id="variant-') == 3
     assert 'class="group"><td>base</td>' in section
-    assert section.count("<polyline") == 2  # both finished variants' loss curves, overlaid
+    assert section.count("<polyline") == 4  # both finished variants' curves, overlaid: per step and running mean
     header = section[section.index('<table class="columns">'):]
     header = header[: header.index("</tr>")]
     assert header.count("<th>") == 4  # prompt, base, v0, v1
