@@ -6,6 +6,10 @@ weights plus the LoRA adapter from `finetune`). Prompts use the training templat
 (`Instruction:\n{prompt}\n\nResponse:\n`), in batches of `generate_batch_size`, with the configured
 sampler and seed. For every answer it records the text, its token count, whether the model stopped
 at an end token or ran into `max_length`, and the time its batch took. Writes `answers.json`.
+
+In a sweep every variant has the same base model, prompts and generation settings, so the base
+model's answers are the same for all of them: the first variant to finish them leaves them in
+`<run dir>/variants/base_answers/<fingerprint>.json` and the others reuse them (answers.json says so).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import storage
+from tasks import storage, sweep
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
 from tasks.preprocess import format_prompt
@@ -27,6 +31,19 @@ CONFIG_KEYS = (
     "model_preset", "lora_rank", "prompt_suite", "max_length", "sampler", "top_k", "sampler_seed",
     "generate_batch_size", "heldout_generate_examples",
 )
+# What the base model's answers depend on (not on the adapter, so not on lora_rank).
+BASE_KEYS = tuple(k for k in CONFIG_KEYS if k != "lora_rank")
+BASE_ANSWERS = "base_answers"
+
+
+def base_answers_path(run_dir: Path, cfg: Config, suite_sha256: str) -> Path | None:
+    """Where a sweep's variants share the base model's answers; None outside a sweep."""
+    run_dir = Path(run_dir)
+    if run_dir.parent.name != sweep.VARIANTS_DIR:
+        return None
+    prep = storage.require(run_dir, "preprocess", STAGE)["fingerprint"]
+    fp = fingerprint("base-answers", prep, suite_sha256, cfg.subset(BASE_KEYS))
+    return run_dir.parent / BASE_ANSWERS / f"{fp}.json"
 
 
 def make_sampler(cfg: Config):
@@ -118,7 +135,16 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         keras.utils.set_random_seed(cfg.sampler_seed)
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
         results, seconds = {}, {}
+        shared = base_answers_path(run_dir, cfg, suite["sha256"])
+        reused = None
+        if shared is not None and shared.is_file():
+            cached = storage.read_json(shared)
+            results["base"], seconds["base"], reused = cached["answers"], cached["seconds"], cached["variant"]
+            log.info("generate: base model's answers reused from variant %s (%s): same model, prompts and settings",
+                     reused, shared)
         for model in ("base", "tuned"):
+            if model in results:
+                continue
             if model == "tuned":
                 lm.backbone.enable_lora(rank=cfg.lora_rank)
                 lm.backbone.load_lora_weights(str(adapter))
@@ -131,7 +157,11 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 "heldout": answer(lm, heldout, cfg, f"{model} / held-out"),
             }
             seconds[model] = round(time.time() - t, 2)
-        for model in results:
+            if model == "base" and shared is not None:
+                shared.parent.mkdir(exist_ok=True)
+                storage.write_json(shared, {"variant": Path(run_dir).name, "answers": results["base"],
+                                            "seconds": seconds["base"]})
+        for model in ("base", "tuned"):
             for a, ref in zip(results[model]["heldout"], heldout):
                 a["reference"] = ref["reference"]
         base, tuned = results["base"]["suite"], results["tuned"]["suite"]
@@ -141,6 +171,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "models": {"base": base, "tuned": tuned},
             "heldout": {"base": results["base"]["heldout"], "tuned": results["tuned"]["heldout"]},
             "seconds": seconds,
+            "base_answers_reused_from": reused,
         }
         storage.write_json(out / "answers.json", data)
         del lm

@@ -47,6 +47,10 @@ def test_mapping_expands_one_instance_per_variant_with_its_overrides(sweep_run):
         assert result["examples"] == 24
     # Each variant trains on the run's one preprocessed split (shared, not copied).
     assert (run_dir / "variants" / "v0" / "preprocess").resolve() == (run_dir / "preprocess").resolve()
+    # The base model answers once per sweep: the first variant's generate leaves its answers, the other reuses them.
+    answers = [json.loads((run_dir / "variants" / f"v{i}" / "generate" / "answers.json").read_text()) for i in (0, 1)]
+    assert answers[0]["models"]["base"] == answers[1]["models"]["base"]
+    assert sorted(str(a["base_answers_reused_from"]) for a in answers) in (["None", "v0"], ["None", "v1"])
     # The UI names each mapped instance by its variant.
     assert tis[("finetune", 1)].rendered_map_index == "learning_rate=0.003, lora_rank=4"
 
