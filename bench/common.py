@@ -206,8 +206,8 @@ def dolly_path(arg: str | None) -> str | None:
     return arg or os.environ.get("DOLLY_FULL_JSONL") or None
 
 
-def start(shared_note: str | None = None) -> dict:
-    """What every benchmark does first: quiet TensorFlow, pipeline logs at WARNING, the environment."""
+def quiet() -> None:
+    """Quiet TensorFlow, pipeline logs at WARNING (imports no ML library)."""
     quiet_tensorflow()
     import logging
 
@@ -215,4 +215,9 @@ def start(shared_note: str | None = None) -> dict:
 
     setup_logging()
     logging.getLogger("gemma_pipeline").setLevel(logging.WARNING)
+
+
+def start(shared_note: str | None = None) -> dict:
+    """What every benchmark does first: `quiet`, then the environment (which imports TensorFlow)."""
+    quiet()
     return environment(shared_note)

@@ -34,15 +34,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet_tensorflow()
-    import logging
-
+    # Not common.start(): its environment() imports TensorFlow, which is timed here on its own.
+    common.quiet()
     from tasks import preprocess, snapshot, storage
-    from tasks.cli import setup_logging
     from tasks.config import load_config
 
-    setup_logging()
-    logging.getLogger("gemma_pipeline").setLevel(logging.WARNING)
     t = time.time()
     import keras_hub  # noqa: F401 - timed on its own: every stage process pays it once
 

@@ -127,7 +127,7 @@ def train_plan(lengths: list[int], cfg: Config, max_widths: int | None = None) -
     a resumed run rebuilds the plan it was checkpointed with. In tutorial mode: each epoch's seeded
     permutation cut into batches, as the stage always did."""
     if max_widths is None:
-        max_widths = engine_for(cfg)["max_widths"] if cfg.train_mode == "fast" else 1
+        max_widths = engine_for(cfg)["max_widths"]
     return plan_batches(
         lengths, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.training_seed,
         sequence_length=cfg.sequence_length, mode=cfg.train_mode,

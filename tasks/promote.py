@@ -42,8 +42,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                         ", ".join(failed), " for every variant" if name else "")
             record = {"promoted": False, "failed_checks": failed}
         else:
-            vdir = Path(run_dir) / sweep.VARIANTS_DIR / name if name else Path(run_dir)
-            tune = storage.require(vdir, "finetune", STAGE)
+            tune = storage.require(sweep.variant_path(run_dir, name), "finetune", STAGE)
             overrides = next((v["overrides"] for v in m.get("variants", []) if v["name"] == name), {})
             champion = {
                 "run_id": Path(run_dir).name,

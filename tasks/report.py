@@ -116,11 +116,11 @@ def variant_config(cfg: Config, spec: dict) -> Config:
     return dataclasses.replace(cfg, **spec["overrides"], variants=())
 
 
-def variant_states(cfg: Config, run_dir: Path, plan: list[dict]) -> list[dict]:
+def variant_states(run_dir: Path, plan: list[dict]) -> list[dict]:
     """Each planned variant: finished (both stages published, no error recorded) or failed, why."""
     out = []
     for spec in plan:
-        vdir = Path(run_dir) / sweep.VARIANTS_DIR / spec["name"] if spec["name"] else Path(run_dir)
+        vdir = sweep.variant_path(run_dir, spec["name"])
         state = {**spec, "dir": str(vdir), "status": "ok", "error": None, "failed_stage": None}
         for stage in VARIANT_STAGES:
             err = error_path(vdir, stage)
@@ -142,9 +142,9 @@ def rank_key(ev: dict) -> tuple:
     return (rouge if rouge is not None else -1.0, -(ppl if ppl is not None else float("inf")))
 
 
-def evaluate_sweep(cfg: Config, run_dir: Path, plan: list[dict]) -> dict:
-    """Every finished variant evaluated and gated; which one is shown and which is promoted."""
-    states = variant_states(cfg, run_dir, plan)
+def evaluate_sweep(cfg: Config, states: list[dict]) -> dict:
+    """Every finished variant (`variant_states`) evaluated and gated; which one is shown and which is
+    promoted."""
     for s in states:
         s["ev"] = evaluate(variant_config(cfg, s), Path(s["dir"])) if s["status"] == "ok" else None
     done = [s for s in states if s["ev"]]
@@ -254,16 +254,17 @@ def render(context: dict) -> str:
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     # Without a published plan (stages run by hand), the plan is the config's.
     plan = sweep.read_plan(run_dir) if storage.completed(run_dir, sweep.STAGE) else sweep.plan_variants(cfg)
+    states = variant_states(run_dir, plan)
     # The report depends on what each variant produced, or on why it failed.
-    states = [
+    produced = [
         (s["name"], s["status"], s["error"],
          [(storage.completed(s["dir"], st) or {}).get("fingerprint") for st in VARIANT_STAGES])
-        for s in variant_states(cfg, run_dir, plan)
+        for s in states
     ]
     upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in ("snapshot", "preprocess")]
 
     def body(out: Path) -> dict:
-        result = evaluate_sweep(cfg, run_dir, plan)
+        result = evaluate_sweep(cfg, states)
         shown = result["shown"]
         evaluation = dict(shown["ev"], model_preset=cfg.model_preset, variant=shown["name"],
                           variant_label=shown["label"], promotable=result["promotable"],
@@ -289,7 +290,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     # Templates are inputs too: editing one re-renders the report.
     tmpl = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in TEMPLATES.glob("*"))
     gate_cfg = cfg.subset(("gate_rouge_l_margin", "gate_eos_rate_margin", "gate_perplexity_margin"))
-    fp = fingerprint(STAGE, upstream, plan, states, tmpl, gate_cfg)
+    fp = fingerprint(STAGE, upstream, plan, produced, tmpl, gate_cfg)
     return storage.run_stage(run_dir, STAGE, fp, body, force)
 
 

@@ -62,11 +62,16 @@ def parse_spec(text: str) -> dict:
     return {**spec, "name": name, "overrides": overrides}
 
 
+def variant_path(run_dir: Path, name: str) -> Path:
+    """The folder of a variant's own stages: the run folder itself for the unnamed one."""
+    return Path(run_dir) / VARIANTS_DIR / name if name else Path(run_dir)
+
+
 def variant_dir(run_dir: Path, name: str) -> Path:
-    """The folder a variant's own stages write to (created, with links to the shared stages)."""
+    """`variant_path`, created, with links to the shared stages."""
+    vdir = variant_path(run_dir, name)
     if not name:
-        return Path(run_dir)
-    vdir = Path(run_dir) / VARIANTS_DIR / name
+        return vdir
     vdir.mkdir(parents=True, exist_ok=True)
     for stage in SHARED_STAGES:
         link = vdir / stage
@@ -88,7 +93,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         if cfg.variants:
             log.info("sweep: %d variants", len(plan))
             for spec in plan:
-                log.info("sweep: %s: %s -> %s", spec["name"], spec["label"], Path(run_dir) / VARIANTS_DIR / spec["name"])
+                log.info("sweep: %s: %s -> %s", spec["name"], spec["label"], variant_path(run_dir, spec["name"]))
         else:
             log.info("sweep: no variants: one fine-tune with the run's config")
         return {"variants": plan}
