@@ -77,15 +77,13 @@ def workload(n: int, sequence_length: int, vocab: int, seed: int = 0) -> dict:
 
 
 def build_lm(shape: dict, policy: str):
-    import keras
     import keras_hub
 
-    keras.config.set_dtype_policy(policy)
-    try:
+    from tasks import training
+
+    with training.dtype_policy(policy):
         backbone = keras_hub.models.GemmaBackbone(**shape)
         return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    finally:
-        keras.config.set_dtype_policy("float32")
 
 
 def gpu_memory_peak_gib() -> float | None:
@@ -109,14 +107,15 @@ def reset_gpu_peak() -> None:
 def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: bool) -> dict:
     import keras
 
-    from tasks import finetune
+    from tasks import training
     from tasks.batching import input_lengths
     from tasks.config import load_config
 
     n = args.steps * args.batch_size
     cfg = load_config("gemma_2b_lora", {"train_mode": mode, "batch_size": str(args.batch_size),
                                          "sequence_length": str(args.sequence_length), "num_examples": str(n)})
-    policy = finetune.dtype_policy_for(cfg)
+    engine = training.engine_for(cfg)
+    policy = engine["dtype_policy"]
     keras.utils.set_random_seed(cfg.training_seed)
     keras.backend.clear_session()
     reset_gpu_peak()
@@ -124,12 +123,10 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     lm = build_lm(shape, policy)
     build_s = time.time() - t
     params = int(lm.backbone.count_params())
-    lm.backbone.enable_lora(rank=cfg.lora_rank)
+    optimizer, compiled = training.prepare(lm, cfg, engine)
     trainable = int(sum(int(w.numpy().size) for w in lm.backbone.trainable_weights))
-    optimizer = finetune.build_optimizer(cfg)
-    compiled = finetune.compile_for_training(lm, cfg, optimizer)
-    plan = finetune.train_plan(input_lengths(enc), cfg)
-    fed = finetune.rows_fed(plan, cfg)
+    plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
+    fed = training.rows_fed(plan, cfg)
     times: list[float] = []
 
     class Timer(keras.callbacks.Callback):
@@ -140,10 +137,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
             times.append(time.perf_counter() - self.t)
 
     print(f"[gpu-bench] {mode}: {len(plan)} steps, policy {policy}, XLA {compiled['jit_compile']}", file=sys.stderr, flush=True)
-    t = time.time()
-    lm.fit(finetune.make_dataset(enc, plan, cfg.batch_size if mode == "fast" else None), epochs=1, verbose=0,
-           callbacks=[Timer()])
-    train_s = time.time() - t
+    train_s = training.fit(lm, enc, plan, cfg, [Timer()])
     real = [sum(int(enc["real_tokens"][i]) for i in s.rows) for s in plan]
     padded = [f * s.width for f, s in zip(fed, plan)]
     # Warm-up: under XLA the first step of each width (a compilation); a TF graph traces once.

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # Not common.start(): its environment() imports TensorFlow, which is timed here on its own.
     common.quiet()
-    from tasks import preprocess, snapshot, storage
+    from tasks import artifacts, preprocess, snapshot
     from tasks.config import load_config
 
     t = time.time()
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
                 snap = snapshot.run(cfg, run_dir)
             snap_s = time.time() - t
             # Every usable record: all but the held-out split go to training, so all are tokenized.
-            records = storage.read_jsonl(storage.stage_dir(run_dir, "snapshot") / "records.jsonl")
+            records = artifacts.read_records(run_dir)
             usable = len(preprocess.filter_records(records, drop)[0])
             cfg = load_config(args.config, {**over, "drop_context": str(drop).lower(),
                                             "num_examples": str(usable - args.heldout)})
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
             with common.PeakRss() as prep_mem:
                 preprocess.run(cfg, run_dir)
             prep_s = time.time() - t
-            manifest = storage.read_json(storage.stage_dir(run_dir, "preprocess") / "manifest.json")
+            manifest = artifacts.read_preprocess_manifest(run_dir)
             out["passes"][label] = {
                 "drop_context": drop,
                 "rows_in": manifest["rows_in"],

@@ -83,7 +83,7 @@ def step_figures(history: list[dict], steps, lengths: dict[int, int], sequence_l
 def main(argv=None) -> dict:
     args = parse_args(argv)
     env = common.start(args.shared_note)
-    from tasks import finetune, preprocess, snapshot, storage
+    from tasks import artifacts, finetune, preprocess, snapshot, training
     from tasks.config import load_config, parse_overrides
 
     dataset = common.dolly_path(args.dataset)
@@ -105,9 +105,9 @@ def main(argv=None) -> dict:
     snapshot.run(cfg0, base_run)
     preprocess.run(cfg0, base_run)
     prep_s = time.time() - t
-    train_rows = storage.read_jsonl(base_run / "preprocess" / "train.jsonl")
+    train_rows = artifacts.read_train(base_run)
     lengths = {i: r["n_tokens"] for i, r in enumerate(train_rows)}
-    manifest = storage.read_json(base_run / "preprocess" / "manifest.json")
+    manifest = artifacts.read_preprocess_manifest(base_run)
 
     out: dict = {
         "benchmark": "train_modes",
@@ -133,16 +133,16 @@ def main(argv=None) -> dict:
     for mode in modes:
         cfg = load_config(args.config, {**overrides, "train_mode": mode})
         run_dir = work / "runs" / mode
-        for stage in ("snapshot", "preprocess"):
+        for stage in (artifacts.SNAPSHOT, artifacts.PREPROCESS):
             shutil.copytree(base_run / stage, run_dir / stage)
         print(f"[bench] {mode}: fine-tuning {cfg.num_examples} examples ...", file=sys.stderr, flush=True)
         t = time.time()
         with common.PeakRss() as mem:
             finetune.run(cfg, run_dir)
         wall = time.time() - t
-        result = storage.read_json(run_dir / "finetune" / "result.json")
-        history = storage.read_json(run_dir / "finetune" / "history.json")
-        steps = finetune.train_plan([min(lengths[i], cfg.sequence_length) for i in range(len(train_rows))], cfg)
+        result = artifacts.read_finetune_result(run_dir)
+        history = artifacts.read_history(run_dir)
+        steps = training.train_plan([min(lengths[i], cfg.sequence_length) for i in range(len(train_rows))], cfg)
         assert len(steps) == len(history), (len(steps), len(history))
         if shape is None:
             shape = model_shape_from(cfg)

@@ -21,9 +21,9 @@ import json
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
 from tasks.airflow_settings import DAG_ID, run_dir_for, run_root, setting
+from tasks.artifacts import asset_uri
 from tasks.cli import stage_argv
-from tasks.config import CHOICES, MAX_VARIANTS, PROMPT_SUITE_DIR, RANGES, VARIANT_KEYS, Config, read_config_file
-from tasks.snapshot import asset_uri
+from tasks.config import Config, read_config_file, trigger_form
 
 
 RUNNER = setting("runner", "local")
@@ -32,60 +32,10 @@ if RUNNER not in ("local", "kubernetes"):
 CONFIG = setting("config", "cpu_demo" if RUNNER == "local" else "gemma_2b_lora")
 RUN_ROOT = str(run_root())
 DEFAULTS = read_config_file(CONFIG)
-STAGES = ("snapshot", "preprocess", "sweep", "finetune", "generate", "report", "promote")
 # Gets an event when a run's snapshot differs from the dataset's latest one (see snapshot_changed).
 SNAPSHOT_ASSET = Asset(asset_uri(DEFAULTS.get("dataset_hub_id", Config.dataset_hub_id)))
-
-
-def _number(key: str, kind: str, description: str) -> Param:
-    lo, hi = RANGES[key]
-    # Keys a config file leaves out take the Config class's default, as the task does.
-    return Param(DEFAULTS.get(key, getattr(Config, key)), type=kind, minimum=lo, maximum=hi, description=description)
-
-
-def _suites() -> list[str]:
-    return sorted(p.stem for p in PROMPT_SUITE_DIR.glob("*.yaml"))
-
-
-PARAMS = {
-    "dataset_source": Param(
-        DEFAULTS.get("dataset_source", "bundled"), type="string", minLength=1,
-        description="'hub' (Dolly from the Hugging Face hub, pinned revision), 'bundled' (the sample in the image) or a path to a .jsonl/.parquet file",
-    ),
-    "bad_record_policy": Param(
-        DEFAULTS.get("bad_record_policy", Config.bad_record_policy), type="string", enum=list(CHOICES["bad_record_policy"]),
-        description="bad dataset records: 'skip' drops and counts them (the run fails above max_bad_share), 'fail' stops at the first one",
-    ),
-    "max_bad_share": _number("max_bad_share", "number", "with 'skip': the largest share of bad records (0-1) a snapshot accepts"),
-    "num_examples": _number("num_examples", "integer", "training examples drawn (seeded) from the usable rows"),
-    "heldout_examples": _number("heldout_examples", "integer", "held-out examples kept for evaluation, disjoint from training"),
-    "sequence_length": _number("sequence_length", "integer", "tokens per training example; longer ones are truncated"),
-    "lora_rank": _number("lora_rank", "integer", "LoRA rank"),
-    "learning_rate": _number("learning_rate", "number", "AdamW learning rate"),
-    "weight_decay": _number("weight_decay", "number", "AdamW weight decay (bias and scale excluded)"),
-    "epochs": _number("epochs", "integer", "passes over the training examples"),
-    "batch_size": _number("batch_size", "integer", "examples per training step"),
-    "model_preset": Param(
-        DEFAULTS["model_preset"], type="string", minLength=1,
-        description="keras-hub preset (e.g. gemma_2b_en, via Kaggle), a local preset directory, or gguf:gemma3-270m",
-    ),
-    "prompt_suite": Param(DEFAULTS.get("prompt_suite", "v1"), type="string", enum=_suites(), description="versioned prompt suite both models answer"),
-    "max_length": _number("max_length", "integer", "generation length in tokens, prompt included"),
-    "sampler": Param(DEFAULTS.get("sampler", "top_k"), type="string", enum=list(CHOICES["sampler"]), description="generation sampler"),
-    "train_mode": Param(
-        DEFAULTS.get("train_mode", "tutorial"), type="string", enum=list(CHOICES["train_mode"]),
-        description="tutorial: pad every example to sequence_length (the Keras tutorial); fast: length-bucketed batches, XLA on GPUs, bf16 where native (bench/README.md)",
-    ),
-    "variants": Param(
-        list(DEFAULTS.get("variants") or []), type="array", items={"type": "object"}, maxItems=MAX_VARIANTS,
-        description=(
-            "a sweep: a list of LoRA variants, each a JSON object of overrides, e.g. "
-            '[{"lora_rank": 4}, {"lora_rank": 8, "learning_rate": 0.0001}]; each is fine-tuned and '
-            "compared in one report, the best that passes the gate is promoted. Empty: one fine-tune. "
-            f"Keys a variant may set: {', '.join(VARIANT_KEYS)}"
-        ),
-    ),
-}
+# Every Param is a config key: its schema, range and description come from tasks.config.
+PARAMS = {k: Param(spec.pop("default"), **spec) for k, spec in trigger_form(DEFAULTS).items()}
 # What the variant's --variant argument (its overrides) replaces for finetune and generate.
 VARIANT_PARAMS = ("variants",)
 
@@ -131,6 +81,56 @@ TIMEOUTS = {
 }
 
 
+def local_stage(stage: str, *, mapped: bool = False, **task_kwargs):
+    """The task that runs one stage with the local runner. Mapped (one instance per sweep variant):
+    the variants one after the other (in-process they would only share the CPU), each named in the
+    grid by its overrides."""
+    if not mapped:
+        @task(task_id=stage, execution_timeout=TIMEOUTS[stage], **task_kwargs)
+        def run_stage() -> dict:
+            return run_locally(stage)
+
+        return run_stage
+
+    @task(task_id=stage, execution_timeout=TIMEOUTS[stage], max_active_tis_per_dag=1,
+          map_index_template="{{ variant_label }}", **task_kwargs)
+    def run_variant(spec: dict) -> dict:
+        get_current_context()["variant_label"] = spec["label"]
+        return run_locally(stage, spec)
+
+    return run_variant
+
+
+@task(execution_timeout=dt.timedelta(minutes=5), outlets=[SNAPSHOT_ASSET])
+def snapshot_changed(snap: dict) -> dict:
+    """A task with outlets emits its Asset event on every success; skipped, it emits none."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if not snap["changed"]:
+        raise AirflowSkipException(
+            f"dataset unchanged (sha256 {snap['sha256'][:16]}): snapshot {snap['snapshot_id']} reused, no asset event"
+        )
+    extra = {k: snap[k] for k in ("sha256", "row_count", "revision", "snapshot_id", "rows_added", "rows_removed", "rows_changed")}
+    get_current_context()["outlet_events"][SNAPSHOT_ASSET].extra = extra
+    return extra
+
+
+@task(execution_timeout=TIMEOUTS["sweep"])
+def sweep() -> list[dict]:
+    return run_locally("sweep")["variants"]
+
+
+@task(execution_timeout=TIMEOUTS["promote"])
+def promote() -> dict:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    decision = run_locally("promote")
+    if not decision["promoted"]:
+        # Skipped, not failed: the gate did its job; the grid marks the run, the report explains.
+        raise AirflowSkipException(f"quality gate failed ({', '.join(decision['failed_checks'])}): not promoted")
+    return decision
+
+
 @dag(
     dag_id=DAG_ID,
     schedule="@weekly",
@@ -144,41 +144,10 @@ TIMEOUTS = {
     user_defined_filters={"run_dir": lambda run_id: str(run_dir_for(run_id))},
 )
 def gemma_lora_finetune():
-    @task(execution_timeout=TIMEOUTS["snapshot"])
-    def snapshot() -> dict:
-        return run_locally("snapshot")
-
-    @task(outlets=[SNAPSHOT_ASSET], execution_timeout=dt.timedelta(minutes=5))
-    def snapshot_changed(snap: dict) -> dict:
-        """A task with outlets emits its Asset event on every success; skipped, it emits none."""
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        if not snap["changed"]:
-            raise AirflowSkipException(
-                f"dataset unchanged (sha256 {snap['sha256'][:16]}): snapshot {snap['snapshot_id']} reused, no asset event"
-            )
-        extra = {k: snap[k] for k in ("sha256", "row_count", "revision", "snapshot_id", "rows_added", "rows_removed", "rows_changed")}
-        get_current_context()["outlet_events"][SNAPSHOT_ASSET].extra = extra
-        return extra
-
-    @task(execution_timeout=TIMEOUTS["preprocess"])
-    def preprocess() -> dict:
-        return run_locally("preprocess")
-
-    @task(execution_timeout=TIMEOUTS["sweep"])
-    def sweep() -> list[dict]:
-        return run_locally("sweep")["variants"]
-
-    # Local runner: the variants one after the other (in-process, they would only share the CPU).
-    @task(execution_timeout=TIMEOUTS["finetune"], max_active_tis_per_dag=1, map_index_template="{{ variant_label }}")
-    def finetune(spec: dict) -> dict:
-        get_current_context()["variant_label"] = spec["label"]
-        return run_locally("finetune", spec)
-
-    @task(execution_timeout=TIMEOUTS["generate"], max_active_tis_per_dag=1, map_index_template="{{ variant_label }}")
-    def generate(spec: dict) -> dict:
-        get_current_context()["variant_label"] = spec["label"]
-        return run_locally("generate", spec)
+    snap = local_stage("snapshot")()
+    snapshot_changed(snap)
+    planned = sweep()
+    snap >> local_stage("preprocess")() >> planned
 
     # One mapped group: generate[i] waits for finetune[i] only, so a failed variant stops its own
     # chain and no other. Task ids stay "finetune" and "generate".
@@ -194,30 +163,14 @@ def gemma_lora_finetune():
             # Its argv pulls the plan too (the local `generate` gets it as an argument).
             planned >> answered
         else:
-            tuned, answered = finetune(spec), generate(spec)
+            tuned = local_stage("finetune", mapped=True)(spec)
+            answered = local_stage("generate", mapped=True)(spec)
         tuned >> answered
 
-    # Runs once every variant has finished or failed, if at least one got through: the report shows
-    # the failed ones with their errors.
-    @task(execution_timeout=TIMEOUTS["report"], trigger_rule="all_done_min_one_success")
-    def report() -> dict:
-        return run_locally("report")
-
-    @task(execution_timeout=TIMEOUTS["promote"])
-    def promote() -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        decision = run_locally("promote")
-        if not decision["promoted"]:
-            # Skipped, not failed: the gate did its job; the grid marks the run, the report explains.
-            raise AirflowSkipException(f"quality gate failed ({', '.join(decision['failed_checks'])}): not promoted")
-        return decision
-
-    snap = snapshot()
-    snapshot_changed(snap)
-    planned = sweep()
-    snap >> preprocess() >> planned
-    variant.expand(spec=planned) >> report() >> promote()
+    # The report runs once every variant has finished or failed, if at least one got through: it
+    # shows the failed ones with their errors.
+    reported = local_stage("report", trigger_rule="all_done_min_one_success")()
+    variant.expand(spec=planned) >> reported >> promote()
 
 
 gemma_lora_finetune()

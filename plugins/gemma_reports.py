@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
 from tasks.airflow_settings import DAG_ID, run_dir_for
+from tasks.artifacts import report_path
 
 PREFIX = "/gemma-reports"
 
@@ -33,7 +34,7 @@ def create_app() -> FastAPI:
     def report(dag_id: str, run_id: str):
         if dag_id != DAG_ID:
             raise HTTPException(status_code=404, detail=f"no reports for DAG {dag_id!r}")
-        path = run_dir_for(run_id) / "report" / "report.html"
+        path = report_path(run_dir_for(run_id))
         if not path.is_file():
             # Shown inside the run's tab while the run is still going or failed before `report`.
             return HTMLResponse(

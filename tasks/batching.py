@@ -194,7 +194,7 @@ def step_arrays(enc: dict, step: Step, batch_size: int | None = None):
     With `batch_size` (fast mode) a short batch is filled up to it with copies of its first row at
     loss weight 0, and its real rows' weights scaled by batch_size / real rows, so every step has
     the same batch shape and, with a loss summed and divided by batch_size x sequence_length (see
-    finetune.padded_batch_loss), exactly the tutorial's loss: the sum over real rows divided by
+    training.padded_batch_loss), exactly the tutorial's loss: the sum over real rows divided by
     real rows x sequence_length.
     """
     import numpy as np

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tasks.config import Config, ConfigError, load_config, parse_overrides
+from tasks.storage import error_path
+from tasks.variants import parse_spec, variant_dir
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -33,7 +35,7 @@ def setup_logging() -> None:
 
 def stage_argv(stage: str, config: str, run_dir: str, overrides: dict | None = None, variant: str | None = None) -> list[str]:
     """The argv after `python -m tasks.<stage>`; overrides in a stable order, then the variant (a
-    sweep's spec as JSON, see tasks.sweep), whose overrides come last and win."""
+    sweep's spec as JSON, see tasks.variants), whose overrides come last and win."""
     argv = ["--config", config, "--run-dir", str(run_dir)]
     for key in sorted(overrides or {}):
         value = overrides[key]
@@ -42,10 +44,6 @@ def stage_argv(stage: str, config: str, run_dir: str, overrides: dict | None = N
     if variant is not None:
         argv += ["--variant", variant]
     return argv
-
-
-def error_path(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / f"{stage}.error.json"
 
 
 def stage_main(
@@ -67,7 +65,7 @@ def stage_main(
     ap.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
     ap.add_argument(
         "--variant", default=None, metavar="JSON",
-        help="a sweep variant's spec (see tasks.sweep): its overrides win over --set, its outputs go to "
+        help="a sweep variant's spec (see tasks.variants): its overrides win over --set, its outputs go to "
         "<run dir>/variants/<name>",
     )
     args = ap.parse_args(argv)
@@ -76,8 +74,6 @@ def stage_main(
     try:
         overrides = parse_overrides(args.set)
         if args.variant is not None:
-            from tasks.sweep import parse_spec, variant_dir
-
             spec = parse_spec(args.variant)
             overrides = {k: v for k, v in overrides.items() if k != "variants"}
             overrides.update(spec["overrides"])

@@ -30,103 +30,133 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and its source."""
 
 
+# Stages whose outputs a key changes (it is part of their input fingerprint), by name; see
+# tasks.artifacts.STAGES. Literal names here keep this module free of imports from the package.
+SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, REPORT = "snapshot", "preprocess", "sweep", "finetune", "generate", "report"
+MAX_VARIANTS = 16
+
+
+def known_suites() -> list[str]:
+    return sorted(p.stem for p in PROMPT_SUITE_DIR.glob("*.yaml"))
+
+
+def key(default: Any, help: str, *, stages: tuple[str, ...] = (), no_outputs: str = "", range: tuple | None = None,
+        choices: tuple | None = None, variant: bool = False, param: bool = False, schema: dict | None = None):
+    """One config key: its default, what it means (`help`, also the trigger form's description), the
+    stages whose outputs it changes (their fingerprints include it) or why it changes none
+    (`no_outputs`), its inclusive (min, max) `range` or its `choices`, whether a sweep `variant` may
+    set it, and whether it is a DAG `param` (with extra JSON `schema` for the trigger form)."""
+    meta = {"help": help, "stages": stages, "no_outputs": no_outputs, "range": range, "choices": choices,
+            "variant": variant, "param": param, "schema": schema or {}}
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class Config:
     # -- dataset snapshot ------------------------------------------------------------------
-    # "bundled" (the attributed sample in tasks/data), "hub" (the Hugging Face hub through
-    # `datasets`), or a path to a local .jsonl / .json / .parquet file with Dolly's fields.
-    dataset_source: str = "bundled"
-    dataset_hub_id: str = DOLLY_HUB_ID
-    dataset_revision: str = DOLLY_PINNED_REVISION
-    # Seconds the hub may take to answer before the snapshot fails as unreachable.
-    hub_timeout_s: float = 20.0
-    # Bad records (malformed JSON, invalid UTF-8, missing or mistyped fields, empty instruction or
-    # response, too large, duplicate, unknown category): "skip" drops and counts them by reason,
-    # "fail" stops the snapshot at the first one, naming its line and field.
-    bad_record_policy: str = "skip"
-    # With "skip": the snapshot still fails when more than this share of the records is bad (a
-    # broken upstream file should stop the run, not quietly train on what is left).
-    max_bad_share: float = 0.05
-    # A record (its JSON line, or its fields encoded as JSON) larger than this is bad ("too_large").
-    max_record_bytes: int = 100_000
+    dataset_source: str = key(
+        "bundled",
+        "'hub' (Dolly from the Hugging Face hub, pinned revision), 'bundled' (the sample in the image) or a path to a .jsonl/.parquet file",
+        stages=(SNAPSHOT,), param=True)
+    dataset_hub_id: str = key(DOLLY_HUB_ID, "the dataset's id on the Hugging Face hub (also names its snapshot store and Asset)",
+                              stages=(SNAPSHOT,))
+    dataset_revision: str = key(DOLLY_PINNED_REVISION, "the hub revision (commit) a 'hub' snapshot reads", stages=(SNAPSHOT,))
+    hub_timeout_s: float = key(20.0, "seconds the hub may take to answer before the snapshot fails as unreachable",
+                               no_outputs="only how long to wait", range=(1, 600))
+    # A broken upstream file should stop the run, not quietly train on what is left: see max_bad_share.
+    bad_record_policy: str = key(
+        "skip",
+        "bad dataset records: 'skip' drops and counts them (the run fails above max_bad_share), 'fail' stops at the first one",
+        stages=(SNAPSHOT,), choices=("skip", "fail"), param=True)
+    max_bad_share: float = key(0.05, "with 'skip': the largest share of bad records (0-1) a snapshot accepts",
+                               stages=(SNAPSHOT,), range=(0.0, 1.0), param=True)
+    max_record_bytes: int = key(100_000, "a record (its JSON line, or its fields as JSON) larger than this is bad ('too_large')",
+                                stages=(SNAPSHOT,), range=(1, 1_000_000_000))
 
     # -- preprocessing ---------------------------------------------------------------------
-    drop_context: bool = True
-    num_examples: int = 1000
-    heldout_examples: int = 100
-    subset_seed: int = 42
+    drop_context: bool = key(True, "drop the records that have a context (the seed's choice)", stages=(PREPROCESS,))
+    num_examples: int = key(1000, "training examples drawn (seeded) from the usable rows",
+                            stages=(PREPROCESS,), range=(1, 1_000_000), param=True)
+    heldout_examples: int = key(100, "held-out examples kept for evaluation, disjoint from training",
+                                stages=(PREPROCESS,), range=(0, 100_000), param=True)
+    subset_seed: int = key(42, "seed of the held-out split and the training subset", stages=(PREPROCESS,))
 
     # -- model -----------------------------------------------------------------------------
-    # A keras-hub preset name (downloaded through kagglehub, e.g. "gemma_2b_en"), a local preset
-    # directory, "gguf:gemma3-270m" (imported from the PyPI GGUF) or "tiny:gemma"/"tiny:gemma3"
-    # (small random models for tests).
-    model_preset: str = "gemma_2b_en"
-    # Where imported and tiny models are cached; empty means $GEMMA_MODELS_DIR or ~/.cache.
-    models_dir: str = ""
-    sequence_length: int = 256
+    model_preset: str = key(
+        "gemma_2b_en",
+        "keras-hub preset (e.g. gemma_2b_en, via Kaggle), a local preset directory, or gguf:gemma3-270m",
+        stages=(PREPROCESS, FINETUNE, GENERATE), param=True)
+    models_dir: str = key("", "where imported and tiny models are cached; empty means $GEMMA_MODELS_DIR or ~/.cache",
+                          no_outputs="a cache location")
+    sequence_length: int = key(256, "tokens per training example; longer ones are truncated",
+                               stages=(PREPROCESS, FINETUNE), range=(8, 8192), variant=True, param=True)
 
     # -- LoRA fine-tune (defaults: the Keras tutorial's recipe) -----------------------------
-    lora_rank: int = 4
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    epochs: int = 1
-    batch_size: int = 1
-    training_seed: int = 0
-    # XLA for the train step. Keras's "auto" turns it off on CPU, where it halves Gemma 3's step.
-    jit_compile: bool = False
-    # Tokens in the loss: "all" (the tutorial: prompt and response) or "response" (response only).
-    loss_tokens: str = "all"
-    # How batches are built and run (the same recipe, data, order of epochs and loss either way):
-    # "tutorial" pads every example to sequence_length (the Keras tutorial; jit_compile as set);
-    # "fast" groups examples of similar length into batches, pads each batch only to its longest
-    # example (rounded up, see bucket_*) and scales the loss so it equals the tutorial's. On a GPU it
-    # compiles with XLA (one compilation per batch width, so widths are few); on a CPU it runs a
-    # TensorFlow graph traced once for every width (XLA's per-width compilations cost more there
-    # than they save). Mixed bfloat16 where the device computes it natively (see mixed_precision).
-    # bench/README.md has the figures.
-    train_mode: str = "tutorial"
-    # fast mode: batch widths are multiples of this many tokens (capped at sequence_length) ...
-    bucket_multiple: int = 16
-    # ... and, when fast mode compiles with XLA (GPU), at most this many different widths (chosen
-    # from the data to pad least): every width is one more XLA compilation. Graph mode (CPU) is not
-    # limited: each batch takes the next multiple of bucket_multiple.
-    bucket_shapes: int = 4
-    # "auto": mixed bfloat16 in fast mode on a device that computes bfloat16 natively (a GPU of
-    # compute capability >= 8.0, a CPU with AMX-BF16), float32 otherwise and always in tutorial
-    # mode; "off": float32; "bfloat16": mixed bfloat16 whatever the device and mode.
-    mixed_precision: str = "auto"
-    # Held-out examples scored (masked loss, response perplexity) before and after tuning; at most
-    # heldout_examples are there to score.
-    eval_examples: int = 100
-    log_every_steps: int = 1
-    # Steps between fine-tune checkpoints (LoRA weights, optimizer state, step, data order) that a
-    # retried task resumes from; 0 turns checkpoints off.
-    checkpoint_every_steps: int = 50
+    lora_rank: int = key(4, "LoRA rank", stages=(FINETUNE, GENERATE), range=(1, 1024), variant=True, param=True)
+    learning_rate: float = key(5e-5, "AdamW learning rate", stages=(FINETUNE,), range=(1e-8, 1.0), variant=True, param=True)
+    weight_decay: float = key(0.01, "AdamW weight decay (bias and scale excluded)", stages=(FINETUNE,), range=(0.0, 1.0),
+                              variant=True, param=True)
+    epochs: int = key(1, "passes over the training examples", stages=(FINETUNE,), range=(1, 1000), variant=True, param=True)
+    batch_size: int = key(1, "examples per training step", stages=(FINETUNE,), range=(1, 4096), variant=True, param=True)
+    training_seed: int = key(0, "seed of the LoRA initialisation and the epochs' example order", stages=(FINETUNE,), variant=True)
+    loss_tokens: str = key("all", "tokens in the loss: 'all' (the tutorial: prompt and response) or 'response'",
+                           stages=(FINETUNE,), choices=("all", "response"), variant=True)
+    # The same recipe, data, order of epochs and loss either way. "fast" scales the loss so it
+    # equals the tutorial's; XLA's per-width compilations cost more than they save on CPUs, hence
+    # one graph there. bench/README.md has the figures.
+    train_mode: str = key(
+        "tutorial",
+        "tutorial: pad every example to sequence_length (the Keras tutorial); fast: length-bucketed batches, XLA on GPUs, bf16 where native (bench/README.md)",
+        stages=(FINETUNE,), choices=("tutorial", "fast"), variant=True, param=True)
+    bucket_multiple: int = key(16, "fast mode: batch widths are multiples of this many tokens (capped at sequence_length)",
+                               stages=(FINETUNE,), range=(1, 8192), variant=True)
+    # Every width is one more XLA compilation; graph mode (CPU) is not limited.
+    bucket_shapes: int = key(4, "fast mode under XLA (GPU): at most this many batch widths, chosen from the data to pad least",
+                             stages=(FINETUNE,), range=(1, 1024), variant=True)
+    mixed_precision: str = key(
+        "auto",
+        "'auto': mixed bfloat16 in fast mode on a device that computes it natively (GPU of compute capability >= 8.0, "
+        "CPU with AMX-BF16), else float32; 'off': float32; 'bfloat16': mixed bfloat16 on any device and mode",
+        stages=(FINETUNE,), choices=("auto", "off", "bfloat16"), variant=True)
+    # Keras's "auto" turns XLA off on CPU, where it halves Gemma 3's step.
+    jit_compile: bool = key(False, "XLA for the tutorial mode's train step", stages=(FINETUNE,), variant=True)
+    eval_examples: int = key(100, "held-out examples scored (masked loss, response perplexity) before and after tuning",
+                             stages=(FINETUNE,), range=(0, 100_000))
+    log_every_steps: int = key(1, "steps between progress lines in the task log", no_outputs="only logging",
+                               range=(1, 1_000_000))
+    checkpoint_every_steps: int = key(
+        50, "steps between fine-tune checkpoints a retried task resumes from; 0 turns them off",
+        no_outputs="a resumed run trains to the same adapter", range=(0, 1_000_000))
 
     # -- generation --------------------------------------------------------------------------
-    prompt_suite: str = "v1"
-    max_length: int = 256
-    sampler: str = "top_k"
-    top_k: int = 5
-    sampler_seed: int = 2
-    generate_batch_size: int = 4
-    # Held-out prompts both models answer, scored with ROUGE-L against the reference responses.
-    heldout_generate_examples: int = 100
+    prompt_suite: str = key("v1", "versioned prompt suite both models answer", stages=(GENERATE,), param=True,
+                            schema={"enum": known_suites()})
+    max_length: int = key(256, "generation length in tokens, prompt included", stages=(GENERATE,), range=(8, 8192), param=True)
+    sampler: str = key("top_k", "generation sampler", stages=(GENERATE,), choices=("top_k", "greedy"), param=True)
+    top_k: int = key(5, "k of the top_k sampler", stages=(GENERATE,), range=(1, 1_000_000))
+    sampler_seed: int = key(2, "seed of the sampler", stages=(GENERATE,))
+    generate_batch_size: int = key(4, "prompts answered per generate call", stages=(GENERATE,), range=(1, 4096))
+    heldout_generate_examples: int = key(
+        100, "held-out prompts both models answer, scored with ROUGE-L against the reference responses",
+        stages=(GENERATE,), range=(0, 100_000))
 
     # -- sweep -------------------------------------------------------------------------------
-    # Several LoRA variants in one run: a list of override mappings over the training keys in
-    # VARIANT_KEYS, e.g. [{lora_rank: 4}, {lora_rank: 8, learning_rate: 1e-4}]. Each variant is
-    # fine-tuned and answers the prompts in its own folder (<run dir>/variants/v<i>); the report
-    # compares them and the best one that passes the gate is promoted. Empty: one fine-tune, as is.
-    variants: tuple = ()
+    # Each variant is fine-tuned and answers in its own folder (<run dir>/variants/v<i>); the report
+    # compares them and the best one that passes the gate is promoted.
+    variants: tuple = key(
+        (),
+        "a sweep: a list of LoRA variants, each a JSON object of overrides, e.g. "
+        '[{"lora_rank": 4}, {"lora_rank": 8, "learning_rate": 0.0001}]; each is fine-tuned and '
+        "compared in one report, the best that passes the gate is promoted. Empty: one fine-tune. "
+        "Keys a variant may set: <variant keys>",
+        stages=(SWEEP,), param=True, schema={"items": {"type": "object"}, "maxItems": MAX_VARIANTS})
 
     # -- quality gate: the tuned model passes when all three hold ----------------------------------
-    # tuned ROUGE-L >= base ROUGE-L - margin (held-out answers vs reference responses)
-    gate_rouge_l_margin: float = 0.0
-    # tuned EOS-stop rate >= base rate - margin (prompt suite and held-out answers together)
-    gate_eos_rate_margin: float = 0.0
-    # tuned held-out response perplexity <= base perplexity * (1 + margin)
-    gate_perplexity_margin: float = 0.05
+    gate_rouge_l_margin: float = key(0.0, "gate: tuned held-out ROUGE-L >= base - margin", stages=(REPORT,), range=(0.0, 1.0))
+    gate_eos_rate_margin: float = key(0.0, "gate: tuned EOS-stop rate >= base rate - margin (suite and held-out answers)",
+                                      stages=(REPORT,), range=(0.0, 1.0))
+    gate_perplexity_margin: float = key(0.05, "gate: tuned held-out response perplexity <= base x (1 + margin)",
+                                        stages=(REPORT,), range=(0.0, 100.0))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,47 +167,49 @@ class Config:
 
 
 FIELD_TYPES: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
-CHOICES: dict[str, tuple[str, ...]] = {
-    "sampler": ("top_k", "greedy"),
-    "loss_tokens": ("all", "response"),
-    "train_mode": ("tutorial", "fast"),
-    "mixed_precision": ("auto", "off", "bfloat16"),
-    "bad_record_policy": ("skip", "fail"),
-}
+_META = {f.name: f.metadata for f in fields(Config)}
+CHOICES: dict[str, tuple[str, ...]] = {k: m["choices"] for k, m in _META.items() if m["choices"]}
+# (minimum, maximum) inclusive.
+RANGES: dict[str, tuple[float, float]] = {k: m["range"] for k, m in _META.items() if m["range"]}
 # What a sweep variant may change: how the adapter is trained. The data, the base model and the
 # generation settings stay the run's, so every variant is compared on the same prompts and scores.
-VARIANT_KEYS = (
-    "sequence_length", "lora_rank", "learning_rate", "weight_decay", "epochs", "batch_size",
-    "training_seed", "loss_tokens", "train_mode", "bucket_multiple", "bucket_shapes", "mixed_precision",
-    "jit_compile",
-)
-MAX_VARIANTS = 16
-# (minimum, maximum) inclusive; None means unbounded.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "hub_timeout_s": (1, 600),
-    "max_bad_share": (0.0, 1.0),
-    "max_record_bytes": (1, 1_000_000_000),
-    "num_examples": (1, 1_000_000),
-    "heldout_examples": (0, 100_000),
-    "sequence_length": (8, 8192),
-    "lora_rank": (1, 1024),
-    "learning_rate": (1e-8, 1.0),
-    "weight_decay": (0.0, 1.0),
-    "epochs": (1, 1000),
-    "batch_size": (1, 4096),
-    "bucket_multiple": (1, 8192),
-    "bucket_shapes": (1, 1024),
-    "eval_examples": (0, 100_000),
-    "log_every_steps": (1, 1_000_000),
-    "checkpoint_every_steps": (0, 1_000_000),
-    "max_length": (8, 8192),
-    "top_k": (1, 1_000_000),
-    "generate_batch_size": (1, 4096),
-    "heldout_generate_examples": (0, 100_000),
-    "gate_rouge_l_margin": (0.0, 1.0),
-    "gate_eos_rate_margin": (0.0, 1.0),
-    "gate_perplexity_margin": (0.0, 100.0),
-}
+VARIANT_KEYS = tuple(k for k, m in _META.items() if m["variant"])
+# Keys that change no stage's outputs, each with the reason.
+NO_OUTPUT_KEYS = {k: m["no_outputs"] for k, m in _META.items() if m["no_outputs"]}
+
+
+def stage_keys(stage: str) -> tuple[str, ...]:
+    """The config keys a stage's outputs depend on: part of its input fingerprint."""
+    return tuple(k for k, m in _META.items() if stage in m["stages"])
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "array"}
+
+
+def trigger_form(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The DAG's Params as keyword arguments of Airflow's `Param` (JSON schema), in field order;
+    defaults from a config file's mapping, else the field's own."""
+    form = {}
+    for f in fields(Config):
+        meta = f.metadata
+        if not meta["param"]:
+            continue
+        kind = _JSON_TYPES[FIELD_TYPES[f.name]]
+        value = defaults.get(f.name, f.default)
+        spec: dict[str, Any] = {
+            "default": list(value or []) if kind == "array" else value,
+            "type": kind,
+            "description": meta["help"].replace("<variant keys>", ", ".join(VARIANT_KEYS)),
+        }
+        if f.name in CHOICES:
+            spec["enum"] = list(CHOICES[f.name])
+        if f.name in RANGES:
+            spec["minimum"], spec["maximum"] = RANGES[f.name]
+        spec.update(meta["schema"])
+        if kind == "string" and "enum" not in spec:
+            spec["minLength"] = 1
+        form[f.name] = spec
+    return form
 
 
 def coerce_variants(value: Any, source: str) -> tuple[dict[str, Any], ...]:
@@ -237,7 +269,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"config key '{key}' ({source}): {value!r} is not one of {list(CHOICES[key])}")
     if key in RANGES:
         lo, hi = RANGES[key]
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if value < lo or value > hi:
             raise ConfigError(f"config key '{key}' ({source}): {value!r} is outside [{lo}, {hi}]")
     return value
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks import metrics, storage
+from tasks import artifacts, metrics, storage
 from tasks.config import Config
 
 MODELS = ("base", "tuned")
 
 
 def evaluate(cfg: Config, run_dir: Path) -> dict:
-    answers = storage.read_json(storage.stage_dir(run_dir, "generate") / "answers.json")
-    finetune = storage.read_json(storage.stage_dir(run_dir, "finetune") / "result.json")
+    answers = artifacts.read_answers(run_dir)
+    finetune = artifacts.read_finetune_result(run_dir)
 
     per_prompt = []
     for b, t in zip(answers["models"]["base"], answers["models"]["tuned"]):
@@ -97,11 +97,10 @@ def history(run_dir: Path, limit: int = 20) -> list[dict]:
     for other in Path(run_dir).parent.iterdir():
         if other.resolve() == Path(run_dir).resolve():
             continue
-        done = storage.completed(other, "report")
-        metrics_path = other / "report" / "metrics.json"
-        if not done or not metrics_path.is_file():
+        done = storage.completed(other, artifacts.REPORT)
+        if not done or not artifacts.path(other, artifacts.REPORT, artifacts.METRICS).is_file():
             continue
-        m = storage.read_json(metrics_path)
+        m = artifacts.read_metrics(other)
         rows.append(
             {
                 "run_id": other.name,

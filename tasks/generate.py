@@ -18,32 +18,29 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import storage, sweep
+from tasks import artifacts, storage
+from tasks.artifacts import GENERATE as STAGE
 from tasks.cli import stage_main
-from tasks.config import Config, fingerprint
-from tasks.preprocess import format_prompt
+from tasks.config import Config, fingerprint, stage_keys
 from tasks.prompt_suite import load_suite
+from tasks.prompt_template import format_prompt
+from tasks.variants import base_answers_dir
 
 log = logging.getLogger("gemma_pipeline")
 
-STAGE = "generate"
-CONFIG_KEYS = (
-    "model_preset", "lora_rank", "prompt_suite", "max_length", "sampler", "top_k", "sampler_seed",
-    "generate_batch_size", "heldout_generate_examples",
-)
+CONFIG_KEYS = stage_keys(STAGE)
 # What the base model's answers depend on (not on the adapter, so not on lora_rank).
 BASE_KEYS = tuple(k for k in CONFIG_KEYS if k != "lora_rank")
-BASE_ANSWERS = "base_answers"
 
 
 def base_answers_path(run_dir: Path, cfg: Config, suite_sha256: str) -> Path | None:
     """Where a sweep's variants share the base model's answers; None outside a sweep."""
-    run_dir = Path(run_dir)
-    if run_dir.parent.name != sweep.VARIANTS_DIR:
+    shared = base_answers_dir(run_dir)
+    if shared is None:
         return None
-    prep = storage.require(run_dir, "preprocess", STAGE)["fingerprint"]
+    prep = storage.require(run_dir, artifacts.PREPROCESS, STAGE)["fingerprint"]
     fp = fingerprint("base-answers", prep, suite_sha256, cfg.subset(BASE_KEYS))
-    return run_dir.parent / BASE_ANSWERS / f"{fp}.json"
+    return shared / f"{fp}.json"
 
 
 def make_sampler(cfg: Config):
@@ -119,7 +116,7 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
 
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    tune = storage.require(run_dir, "finetune", STAGE)
+    tune = storage.require(run_dir, artifacts.FINETUNE, STAGE)
     suite = load_suite(cfg.prompt_suite)
 
     def body(out: Path) -> dict:
@@ -127,10 +124,10 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
         from tasks.models import load_causal_lm
 
-        adapter = storage.stage_dir(run_dir, "finetune") / "adapter.lora.h5"
+        adapter = artifacts.adapter_path(run_dir)
         heldout = [
             {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "reference": r["response"]}
-            for r in storage.read_jsonl(storage.stage_dir(run_dir, "preprocess") / "heldout.jsonl")
+            for r in artifacts.read_heldout(run_dir)
         ][: cfg.heldout_generate_examples]
         keras.utils.set_random_seed(cfg.sampler_seed)
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
@@ -173,7 +170,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "seconds": seconds,
             "base_answers_reused_from": reused,
         }
-        storage.write_json(out / "answers.json", data)
+        storage.write_json(out / artifacts.ANSWERS, data)
         del lm
         keras.backend.clear_session()
         return {

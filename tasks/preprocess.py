@@ -16,24 +16,15 @@ import logging
 import random
 from pathlib import Path
 
-from tasks import storage
+from tasks import artifacts, storage
+from tasks.artifacts import PREPROCESS as STAGE
 from tasks.cli import stage_main
-from tasks.config import Config, ConfigError, fingerprint
+from tasks.config import Config, ConfigError, fingerprint, stage_keys
+from tasks.prompt_template import TEMPLATE, format_example, format_prompt
 
 log = logging.getLogger("gemma_pipeline")
 
-STAGE = "preprocess"
-TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
-PROMPT_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n"
-CONFIG_KEYS = ("drop_context", "num_examples", "heldout_examples", "subset_seed", "model_preset", "sequence_length")
-
-
-def format_example(instruction: str, response: str) -> str:
-    return TEMPLATE.format(instruction=instruction, response=response)
-
-
-def format_prompt(instruction: str) -> str:
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+CONFIG_KEYS = stage_keys(STAGE)
 
 
 def filter_records(records: list[dict], drop_context: bool) -> tuple[list[dict], dict[str, int]]:
@@ -98,12 +89,12 @@ def length_stats(lengths: list[int], sequence_length: int) -> dict:
 
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    snap = storage.require(run_dir, "snapshot", STAGE)
+    snap = storage.require(run_dir, artifacts.SNAPSHOT, STAGE)
 
     def body(out: Path) -> dict:
         from tasks.models import load_tokenizer
 
-        records = storage.read_jsonl(storage.stage_dir(run_dir, "snapshot") / "records.jsonl")
+        records = artifacts.read_records(run_dir)
         kept, dropped = filter_records(records, cfg.drop_context)
         train, heldout = split(kept, cfg)
         log.info("preprocess: %d records, %d usable, dropped %s", len(records), len(kept), dropped)
@@ -113,14 +104,14 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         held_texts = [format_example(r["instruction"], r["response"]) for r in heldout]
         held_len = token_lengths(held_texts, tokenizer)
         storage.write_jsonl(
-            out / "train.jsonl",
+            out / artifacts.TRAIN,
             [
                 {"id": r["id"], "category": r["category"], "prompt": format_prompt(r["instruction"]), "text": t, "n_tokens": n}
                 for r, t, n in zip(train, train_texts, train_len)
             ],
         )
         storage.write_jsonl(
-            out / "heldout.jsonl",
+            out / artifacts.HELDOUT,
             [
                 {
                     "id": r["id"],
@@ -148,7 +139,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "heldout_over_sequence_length": sum(1 for n in held_len if n > cfg.sequence_length),
             "template": TEMPLATE,
         }
-        storage.write_json(out / "manifest.json", manifest)
+        storage.write_json(out / artifacts.MANIFEST, manifest)
         log.info(
             "preprocess: %d train / %d held-out examples; tokens p50 %d, p90 %d, max %d; %d over %d tokens",
             len(train), len(heldout), stats["p50"], stats["p90"], stats["max"], stats["over_sequence_length"], cfg.sequence_length,

@@ -14,25 +14,21 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import storage, sweep
+from tasks import artifacts, storage
+from tasks.artifacts import PROMOTE as STAGE
+from tasks.artifacts import champion_path
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint
+from tasks.variants import variant_path
 
 log = logging.getLogger("gemma_pipeline")
 
-STAGE = "promote"
-CHAMPION = "champion.json"
-
-
-def champion_path(run_dir: Path) -> Path:
-    return Path(run_dir).resolve().parent / CHAMPION
-
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    rep = storage.require(run_dir, "report", STAGE)
+    rep = storage.require(run_dir, artifacts.REPORT, STAGE)
 
     def body(out: Path) -> dict:
-        m = storage.read_json(storage.stage_dir(run_dir, "report") / "metrics.json")
+        m = artifacts.read_metrics(run_dir)
         verdict = m["gate"]
         failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
         # In a sweep the report picked the variant: the best one that passed the gate (see report).
@@ -42,7 +38,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                         ", ".join(failed), " for every variant" if name else "")
             record = {"promoted": False, "failed_checks": failed}
         else:
-            tune = storage.require(sweep.variant_path(run_dir, name), "finetune", STAGE)
+            tune = storage.require(variant_path(run_dir, name), artifacts.FINETUNE, STAGE)
             overrides = next((v["overrides"] for v in m.get("variants", []) if v["name"] == name), {})
             champion = {
                 "run_id": Path(run_dir).name,
@@ -60,12 +56,12 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             }
             path = champion_path(run_dir)
             if path.is_file():
-                with (path.parent / "champion_history.jsonl").open("a", encoding="utf-8") as f:
+                with (path.parent / artifacts.CHAMPION_HISTORY).open("a", encoding="utf-8") as f:
                     f.write(path.read_text(encoding="utf-8").strip().replace("\n", " ") + "\n")
             storage.write_json(path, champion)
             log.info("promote: quality gate passed; %s is the champion adapter (%s)", champion["run_id"], path)
             record = {"promoted": True, "champion": str(path)}
-        storage.write_json(out / "decision.json", record)
+        storage.write_json(out / artifacts.DECISION, record)
         return record
 
     return storage.run_stage(run_dir, STAGE, fingerprint(STAGE, rep["fingerprint"]), body, force)

@@ -15,7 +15,6 @@ detailed sections below show it (or, when none passes, the best that finished).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -23,19 +22,21 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from tasks import storage, sweep
-from tasks.cli import error_path, stage_main
-from tasks.config import Config, fingerprint
+from tasks import artifacts, storage
+from tasks.artifacts import FINETUNE, GENERATE, PREPROCESS, SNAPSHOT, SWEEP
+from tasks.artifacts import REPORT as STAGE
+from tasks.cli import stage_main
+from tasks.config import Config, fingerprint, stage_keys
 from tasks.evaluation import evaluate
 from tasks.evaluation import history as evaluation_history
+from tasks.variants import plan_variants, variant_config, variant_path
 
 log = logging.getLogger("gemma_pipeline")
 
-STAGE = "report"
-REPORT = "report.html"
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-STAGES = ("snapshot", "preprocess", "finetune", "generate")
-VARIANT_STAGES = ("finetune", "generate")
+STAGES = (SNAPSHOT, PREPROCESS, FINETUNE, GENERATE)
+VARIANT_STAGES = (FINETUNE, GENERATE)
+CONFIG_KEYS = stage_keys(STAGE)  # the gate's margins
 # Line colours of overlaid curves (one per variant).
 PALETTE = ("#0b6bcb", "#c5221f", "#137333", "#e37400", "#8430ce", "#007b83", "#b80672", "#5f6368")
 VERSIONED = ("apache-airflow", "tensorflow", "keras", "keras-hub", "jinja2", "datasets")
@@ -112,20 +113,16 @@ def cards(answers: dict, evaluation: dict) -> list[dict]:
     return out
 
 
-def variant_config(cfg: Config, spec: dict) -> Config:
-    return dataclasses.replace(cfg, **spec["overrides"], variants=())
-
-
 def variant_states(run_dir: Path, plan: list[dict]) -> list[dict]:
     """Each planned variant: finished (both stages published, no error recorded) or failed, why."""
     out = []
     for spec in plan:
-        vdir = sweep.variant_path(run_dir, spec["name"])
+        vdir = variant_path(run_dir, spec["name"])
         state = {**spec, "dir": str(vdir), "status": "ok", "error": None, "failed_stage": None}
         for stage in VARIANT_STAGES:
-            err = error_path(vdir, stage)
-            if err.is_file():
-                state.update(status="failed", failed_stage=stage, error=storage.read_json(err)["error"])
+            err = artifacts.read_error(vdir, stage)
+            if err is not None:
+                state.update(status="failed", failed_stage=stage, error=err["error"])
                 break
             if storage.completed(vdir, stage) is None:
                 state.update(status="failed", failed_stage=stage,
@@ -182,9 +179,9 @@ def sweep_context(cfg: Config, result: dict) -> dict:
         row = variant_summary(s)
         if s["ev"]:
             d = Path(s["dir"])
-            ft = storage.read_json(d / "finetune" / "result.json")
-            answers = storage.read_json(d / "generate" / "answers.json")
-            history = storage.read_json(d / "finetune" / "history.json")
+            ft = artifacts.read_finetune_result(d)
+            answers = artifacts.read_answers(d)
+            history = artifacts.read_history(d)
             row.update(train_s=ft["timings_s"]["train"], real_per_s=ft["tokens"]["real_per_s"], steps=ft["steps"],
                        final_loss=ft["final_loss"])
             curves[f"{s['name']}: {s['label']}"] = [h["loss"] for h in history]
@@ -194,7 +191,7 @@ def sweep_context(cfg: Config, result: dict) -> dict:
             columns.append({"name": s["name"], "label": s["label"], "answers": {a["id"]: a for a in answers["models"]["tuned"]}})
         rows.append(row)
     shown = result["shown"]
-    base_answers = storage.read_json(Path(shown["dir"]) / "generate" / "answers.json")["models"]["base"]
+    base_answers = artifacts.read_answers(Path(shown["dir"]))["models"]["base"]
     prompts = [{"id": a["id"], "category": a["category"], "prompt": a["prompt"], "base": a,
                 "variants": [c["answers"].get(a["id"]) for c in columns]} for a in base_answers]
     ev = shown["ev"]
@@ -216,10 +213,9 @@ def sweep_context(cfg: Config, result: dict) -> dict:
 
 def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
     done = {s: storage.require(run_dir, s, STAGE) for s in STAGES}
-    d = lambda s: storage.stage_dir(run_dir, s)  # noqa: E731
-    history = storage.read_json(d("finetune") / "history.json")
-    answers = storage.read_json(d("generate") / "answers.json")
-    finetune = storage.read_json(d("finetune") / "result.json")
+    history = artifacts.read_history(run_dir)
+    answers = artifacts.read_answers(run_dir)
+    finetune = artifacts.read_finetune_result(run_dir)
     heldout_rows = []
     for b, t, r in zip(answers["heldout"]["base"], answers["heldout"]["tuned"], evaluation["heldout"]["per_example"]):
         heldout_rows.append({"id": b["id"], "instruction": b["prompt"], "reference": b["reference"],
@@ -230,8 +226,8 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
         "run_id": Path(run_dir).name,
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "config": cfg.to_dict(),
-        "snapshot": storage.read_json(d("snapshot") / "manifest.json"),
-        "preprocess": storage.read_json(d("preprocess") / "manifest.json"),
+        "snapshot": artifacts.read_snapshot_manifest(run_dir),
+        "preprocess": artifacts.read_preprocess_manifest(run_dir),
         "finetune": finetune,
         "answers": answers,
         "ev": evaluation,
@@ -253,7 +249,7 @@ def render(context: dict) -> str:
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     # Without a published plan (stages run by hand), the plan is the config's.
-    plan = sweep.read_plan(run_dir) if storage.completed(run_dir, sweep.STAGE) else sweep.plan_variants(cfg)
+    plan = artifacts.read_plan(run_dir) if storage.completed(run_dir, SWEEP) else plan_variants(cfg)
     states = variant_states(run_dir, plan)
     # The report depends on what each variant produced, or on why it failed.
     produced = [
@@ -261,7 +257,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
          [(storage.completed(s["dir"], st) or {}).get("fingerprint") for st in VARIANT_STAGES])
         for s in states
     ]
-    upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in ("snapshot", "preprocess")]
+    upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in (SNAPSHOT, PREPROCESS)]
 
     def body(out: Path) -> dict:
         result = evaluate_sweep(cfg, states)
@@ -269,13 +265,13 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         evaluation = dict(shown["ev"], model_preset=cfg.model_preset, variant=shown["name"],
                           variant_label=shown["label"], promotable=result["promotable"],
                           variants=[variant_summary(s) for s in result["states"]])
-        storage.write_json(out / "metrics.json", evaluation)
+        storage.write_json(out / artifacts.METRICS, evaluation)
         context = gather(variant_config(cfg, shown), Path(shown["dir"]), evaluation)
         context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, history=evaluation_history(run_dir),
                        sweep=sweep_context(cfg, result) if plan[0]["name"] else None)
         html = render(context)
-        (out / REPORT).write_text(html, encoding="utf-8")
-        path = storage.stage_dir(run_dir, STAGE) / REPORT
+        (out / artifacts.REPORT_HTML).write_text(html, encoding="utf-8")
+        path = artifacts.report_path(run_dir)
         verdict = "PASSED" if evaluation["gate"]["passed"] else "FAILED"
         if plan[0]["name"]:
             for s in result["states"]:
@@ -289,7 +285,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
     # Templates are inputs too: editing one re-renders the report.
     tmpl = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in TEMPLATES.glob("*"))
-    gate_cfg = cfg.subset(("gate_rouge_l_margin", "gate_eos_rate_margin", "gate_perplexity_margin"))
+    gate_cfg = cfg.subset(CONFIG_KEYS)
     fp = fingerprint(STAGE, upstream, plan, produced, tmpl, gate_cfg)
     return storage.run_stage(run_dir, STAGE, fp, body, force)
 

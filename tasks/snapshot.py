@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
-from tasks import preflight, storage
+from tasks import artifacts, preflight, storage
+from tasks.artifacts import SNAPSHOT as STAGE
 from tasks.cli import stage_main
-from tasks.config import BUNDLED_DOLLY, Config, fingerprint
+from tasks.config import BUNDLED_DOLLY, Config, fingerprint, stage_keys
 
 log = logging.getLogger("gemma_pipeline")
 
-STAGE = "snapshot"
 FIELDS = ("instruction", "context", "response", "category")
 CATEGORIES = (
     "open_qa",
@@ -45,12 +45,11 @@ CATEGORIES = (
     "summarization",
     "creative_writing",
 )
-# Config keys that change what the snapshot keeps, so a change redoes it.
-VALIDATION_KEYS = ("bad_record_policy", "max_bad_share", "max_record_bytes")
+# Config keys that change what the snapshot reads or keeps, so a change redoes it.
+CONFIG_KEYS = stage_keys(STAGE)
 MAX_BAD_EXAMPLES = 10  # bad records listed in the manifest (where and why, never their text)
 CHANGE_EXAMPLES = 5  # example ids per kind of change vs the previous snapshot
 REF_MARK = re.compile(r"\[(?:\d+|[a-z])\]")
-LATEST = "LATEST.json"
 
 
 class SnapshotError(RuntimeError):
@@ -270,21 +269,6 @@ def source_of(cfg: Config) -> tuple[str, Path | None]:
 # A snapshot folder is named by its content, so content seen before (A -> B -> A) reuses its folder.
 
 
-def dataset_slug(hub_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "--", hub_id).strip("-.") or "dataset"
-
-
-def asset_uri(hub_id: str) -> str:
-    """The Airflow Asset that gets an event when this dataset's latest snapshot changes."""
-    return f"gemma://snapshots/{dataset_slug(hub_id)}"
-
-
-def store_dir(cfg: Config, run_dir: Path) -> Path:
-    # Run folders live in <run root>/runs/<run id>, so this is <run root>/runs/snapshots/<slug>;
-    # the report's history scan skips folders without report/_SUCCESS, so it ignores this one.
-    return Path(run_dir).resolve().parent / "snapshots" / dataset_slug(cfg.dataset_hub_id)
-
-
 @contextlib.contextmanager
 def store_lock(store: Path):
     """Two runs snapshotting at once must not both decide they are the first to see new content."""
@@ -345,8 +329,8 @@ def refresh_store(store: Path, records_file: Path, records: list[dict], manifest
     run = str(Path(run_dir).resolve())
     sha = manifest["sha256"]
     with store_lock(store):
-        storage.remove_stale_temps(store, ".*.tmp-*")
-        latest_file = store / LATEST
+        storage.remove_stale_temps(store)
+        latest_file = store / artifacts.STORE_LATEST
         latest = storage.read_json(latest_file) if latest_file.is_file() else None
         if latest and latest["sha256"] == sha:
             if latest["updated_by_run"] == run:
@@ -367,22 +351,15 @@ def refresh_store(store: Path, records_file: Path, records: list[dict], manifest
             # Someone pruned the store: nothing to compare with, so count this one as the first.
             log.warning("snapshot: previous snapshot %s is gone from %s; not comparing", previous_id, store)
             previous_id = None
-        previous = storage.read_jsonl(store / previous_id / "records.jsonl") if previous_id else []
+        previous = storage.read_jsonl(store / previous_id / artifacts.RECORDS) if previous_id else []
         changes = diff(previous, records)
         target = store / snapshot_id
         if not (target / storage.SUCCESS).is_file():  # else: this content was published before (A -> B -> A)
-            tmp = store / f".{snapshot_id}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
-                shutil.copyfile(records_file, tmp / "records.jsonl")
-                storage.write_json(tmp / "manifest.json", {**manifest, "published_by_run": run})
+            # A folder there without _SUCCESS was never read: the new one replaces it.
+            with storage.publishing(target) as tmp:
+                shutil.copyfile(records_file, tmp / artifacts.RECORDS)
+                storage.write_json(tmp / artifacts.MANIFEST, {**manifest, "published_by_run": run})
                 storage.write_json(tmp / storage.SUCCESS, {"sha256": sha, "finished_at": time.time()})
-                shutil.rmtree(target, ignore_errors=True)  # only a folder without _SUCCESS: never read
-                os.rename(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         # LATEST.json last, replaced in one rename: readers see the old or the new pointer, whole.
         storage.write_json(
             latest_file,
@@ -411,7 +388,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     kind, path = source_of(cfg)
     # A local file is identified by its bytes; a hub snapshot by the pinned revision.
     ident = file_sha256(path) if path else f"{cfg.dataset_hub_id}@{cfg.dataset_revision}"
-    store = store_dir(cfg, run_dir)
+    store = artifacts.snapshot_store(run_dir, cfg.dataset_hub_id)
 
     def body(out: Path) -> dict:
         if kind == "hub":
@@ -424,7 +401,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             source = str(path)
         if not records:
             raise SnapshotError(f"dataset source {source} holds no usable records ({validation['bad_by_reason']})")
-        storage.write_jsonl(out / "records.jsonl", records)
+        storage.write_jsonl(out / artifacts.RECORDS, records)
         cats = collections.Counter(r["category"] for r in records)
         manifest = {
             "dataset": cfg.dataset_hub_id,
@@ -439,15 +416,15 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "preflight": checked,
         }
         # The store last: everything before can fail without touching what other runs read.
-        manifest.update(refresh_store(store, out / "records.jsonl", records, manifest, run_dir), store=str(store))
-        storage.write_json(out / "manifest.json", manifest)
+        manifest.update(refresh_store(store, out / artifacts.RECORDS, records, manifest, run_dir), store=str(store))
+        storage.write_json(out / artifacts.MANIFEST, manifest)
         log.info(
             "snapshot: %d records, sha256 %s, categories %s", len(records), manifest["sha256"][:16], manifest["category_counts"]
         )
         result = {k: manifest[k] for k in ("source", "revision", "row_count", "sha256", "changed", "snapshot_id")}
         return dict(result, rows_bad=validation["rows_bad"], **{k: v for k, v in manifest["changes"].items() if k != "examples"})
 
-    fp = fingerprint(STAGE, kind, ident, cfg.subset(VALIDATION_KEYS))
+    fp = fingerprint(STAGE, kind, ident, cfg.subset(CONFIG_KEYS))
     return storage.run_stage(run_dir, STAGE, fp, body, force)
 
 

@@ -1,35 +1,87 @@
 """The run directory: each stage publishes one sub-folder atomically, its `_SUCCESS` file last.
 
-A stage builds its outputs in a hidden temp folder beside the final one and publishes them with one
-rename, so a reader (the next stage, the report, a person) never sees half-written artifacts. The
-`_SUCCESS` file records the stage's result dict and a fingerprint of its inputs; a rerun with the same
-fingerprint does nothing and returns the recorded result.
+Every folder or file the pipeline publishes (a stage's outputs, a snapshot in the store, a
+checkpoint, an imported or tiny model, a JSON file) is built under one temp name beside its final
+place, `.<name>.tmp-<pid>`, and published with one rename (`publishing`), so a reader (the next
+stage, the report, a person) never sees half-written artifacts. Temps of killed attempts are
+recognised by that name and removed (`remove_stale_temps`). The `_SUCCESS` file records the stage's
+result dict and a fingerprint of its inputs; a rerun with the same fingerprint does nothing and
+returns the recorded result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("gemma_pipeline")
 
 SUCCESS = "_SUCCESS"
+# The one temp-naming rule: `.<final name>.<kind>-<pid>`; kind "tmp" is being built, "old" is a
+# published version moved aside while its replacement is renamed in.
+_TEMP_KINDS = ("tmp", "old")
 
 
 class StageInputError(RuntimeError):
     """An upstream stage's outputs are missing or incomplete."""
 
 
+def temp_path(final: Path, kind: str = "tmp") -> Path:
+    final = Path(final)
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def publishing(final: Path, *, directory: bool = True, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Build `final` under its temp name, then publish it with one rename.
+
+    Yields the temp path (an empty folder, or with directory=False a file path not yet created).
+    When the block raises, the temp is removed and `final` is left as it was. A published folder is
+    replaced by moving it aside first (os.rename cannot replace a non-empty folder). With
+    `keep_existing`, a `final` for which it returns True is kept and the new build dropped (another
+    process finished the same work first).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.parent, final.name)
+    tmp = temp_path(final)
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if keep_existing is not None and final.exists() and keep_existing(final):
+            _remove(tmp)
+        elif directory and final.exists():
+            old = temp_path(final, "old")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temp file and a rename, so the file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with publishing(path, directory=False) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> Any:
@@ -37,11 +89,9 @@ def read_json(path: Path) -> Any:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
+    with publishing(path, directory=False) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -51,6 +101,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / stage
+
+
+def error_path(run_dir: Path, stage: str) -> Path:
+    """Where a failed stage leaves its reason, beside its outputs (also for a pod, on the volume)."""
+    return Path(run_dir) / f"{stage}.error.json"
 
 
 def completed(run_dir: Path, stage: str) -> dict | None:
@@ -80,13 +135,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(directory: Path, pattern: str) -> None:
-    """Temp folders (named `...-<pid>`) of attempts that were killed: never read, so remove."""
-    for tmp in Path(directory).glob(pattern):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            log.info("removing %s left by a killed attempt", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+def remove_stale_temps(directory: Path, name: str = "*") -> None:
+    """Temps (see `temp_path`) of `name` (default: of anything) in `directory` that attempts which
+    were killed left behind: never read, so remove. A live process's temps are left alone."""
+    for kind in _TEMP_KINDS:
+        for tmp in Path(directory).glob(f".{name if name == '*' else glob.escape(name)}.{kind}-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                log.info("removing %s left by a killed attempt", tmp)
+                _remove(tmp)
 
 
 def run_stage(
@@ -105,28 +162,13 @@ def run_stage(
         log.info("stage %s: outputs in %s are complete and inputs unchanged; nothing to do", stage, final)
         return done["result"]
 
-    remove_stale_temps(run_dir, f".{stage}.*-*")
-    tmp = run_dir / f".{stage}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     started = time.time()
-    try:
+    with publishing(final) as tmp:
         result = body(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result = dict(result, stage_dir=str(final), seconds=round(time.time() - started, 3))
-    write_json(
-        tmp / SUCCESS,
-        {"stage": stage, "fingerprint": inputs_fingerprint, "result": result, "finished_at": time.time()},
-    )
-    if final.exists():
-        # Move the old outputs aside first: os.rename cannot replace a non-empty folder.
-        old = run_dir / f".{stage}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+        result = dict(result, stage_dir=str(final), seconds=round(time.time() - started, 3))
+        write_json(
+            tmp / SUCCESS,
+            {"stage": stage, "fingerprint": inputs_fingerprint, "result": result, "finished_at": time.time()},
+        )
     log.info("stage %s: published %s in %.1f s", stage, final, result["seconds"])
     return result

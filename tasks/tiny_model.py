@@ -11,11 +11,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
+from tasks import storage
 from tasks.config import BUNDLED_DOLLY
+from tasks.prompt_template import format_example
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -65,7 +65,7 @@ def vocab_texts() -> list[str]:
     with BUNDLED_DOLLY.open(encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
-            texts.append(f"Instruction:\n{rec['instruction']}\n\nResponse:\n{rec['response']}")
+            texts.append(format_example(rec["instruction"], rec["response"]))
     return texts
 
 
@@ -100,10 +100,7 @@ def build_tiny_preset(kind: str, out_dir: Path, sequence_length: int = 256) -> P
         )
         pre = keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer, sequence_length=sequence_length)
         lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=pre)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_to_preset(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.rename(tmp, out_dir)
+    with storage.publishing(out_dir) as tmp:
+        lm.save_to_preset(str(tmp))
     log.info("built tiny:%s (%d parameters) into %s", kind, backbone.count_params(), out_dir)
     return out_dir

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tasks import artifacts
 from tasks.config import load_config, read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
-STAGES = ["snapshot", "preprocess", "sweep", "finetune", "generate", "report", "promote"]
+STAGES = list(artifacts.STAGES)
 # A leaf beside the chain: emits the dataset's Asset event only when the snapshot changed.
 LEAVES = {"snapshot_changed": "snapshot"}
 ML_LIBS = ("tensorflow", "keras", "keras_hub", "keras_nlp", "datasets", "kagglehub", "jax", "torch")
@@ -34,7 +35,7 @@ def test_edges_are_exactly_the_stage_chain(dag):
 
 
 def test_only_snapshot_changed_produces_the_dataset_asset(dag):
-    from tasks.snapshot import asset_uri
+    from tasks.artifacts import asset_uri
 
     outlets = {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks if t.outlets}
     assert outlets == {"snapshot_changed": [asset_uri(load_config("tiny_test").dataset_hub_id)]}

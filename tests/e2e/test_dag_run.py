@@ -1,11 +1,11 @@
 """The whole DAG on the tiny config: `dag.test()`, then each task through `airflow tasks test`."""
 
-import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
+from tasks import artifacts
 import pytest
 
 from tests.conftest import airflow_bin
@@ -20,7 +20,7 @@ def run_dir_of(dag_run) -> Path:
 
 
 def expected_promote_state(run_dir: Path) -> str:
-    gate = json.loads((run_dir / "report" / "metrics.json").read_text())["gate"]
+    gate = artifacts.read_metrics(run_dir)["gate"]
     return "success" if gate["passed"] else "skipped"
 
 
@@ -43,13 +43,13 @@ def test_dag_test_runs_every_stage(dag_run):
     # The gate decides promote's state: success when it passed, skipped (not failed) when it did not.
     # The Asset leaf succeeds (an event) when the snapshot changed, else it is skipped (no event); the
     # run root is shared by this session's tests, so which one depends on what ran before.
-    changed = json.loads((run_dir / "snapshot" / "manifest.json").read_text())["changed"]
+    changed = artifacts.read_snapshot_manifest(run_dir)["changed"]
     assert states == {**{s: "success" for s in STAGES[:-1]}, "promote": expected_promote_state(run_dir),
                       "snapshot_changed": "success" if changed else "skipped"}
-    html = (run_dir / "report" / "report.html").read_text()
+    html = artifacts.report_path(run_dir).read_text()
     assert "What should I do on a trip to Europe?" in html
 
-    result = json.loads((run_dir / "finetune" / "result.json").read_text())
+    result = artifacts.read_finetune_result(run_dir)
     assert result["config"]["lora_rank"] == 2 and result["examples"] == 24  # run conf reached the stage
 
 

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from tasks import artifacts
 import pytest
 
 VARIANTS = [{"lora_rank": 2}, {"lora_rank": 4, "learning_rate": 0.003}, {"lora_rank": 3}]
@@ -38,17 +39,17 @@ def test_mapping_expands_one_instance_per_variant_with_its_overrides(sweep_run):
     assert sorted(k for k in tis if k[0] in ("finetune", "generate")) == [
         (t, i) for t in ("finetune", "generate") for i in range(3)
     ]
-    plan = json.loads((run_dir / "sweep" / "plan.json").read_text())
+    plan = artifacts.read_plan(run_dir)
     assert [v["overrides"] for v in plan] == VARIANTS and [v["name"] for v in plan] == ["v0", "v1", "v2"]
     for i in (0, 1):
-        result = json.loads((run_dir / "variants" / f"v{i}" / "finetune" / "result.json").read_text())
+        result = artifacts.read_finetune_result(run_dir / "variants" / f"v{i}")
         assert result["config"]["lora_rank"] == VARIANTS[i]["lora_rank"]
         assert result["config"]["learning_rate"] == VARIANTS[i].get("learning_rate", 0.01)  # else tiny_test's rate
         assert result["examples"] == 24
     # Each variant trains on the run's one preprocessed split (shared, not copied).
     assert (run_dir / "variants" / "v0" / "preprocess").resolve() == (run_dir / "preprocess").resolve()
     # The base model answers once per sweep: the first variant's generate leaves its answers, the other reuses them.
-    answers = [json.loads((run_dir / "variants" / f"v{i}" / "generate" / "answers.json").read_text()) for i in (0, 1)]
+    answers = [artifacts.read_answers(run_dir / "variants" / f"v{i}") for i in (0, 1)]
     assert answers[0]["models"]["base"] == answers[1]["models"]["base"]
     assert sorted(str(a["base_answers_reused_from"]) for a in answers) in (["None", "v0"], ["None", "v1"])
     # The UI names each mapped instance by its variant.
@@ -63,7 +64,7 @@ def test_a_failed_variant_does_not_sink_the_others(sweep_run):
     assert [states[("finetune", i)] for i in range(3)] == ["success", "success", "failed"]
     assert [states[("generate", i)] for i in range(3)] == ["success", "success", "upstream_failed"]
     assert states[("report", -1)] == "success"
-    gate = json.loads((run_dir / "report" / "metrics.json").read_text())
+    gate = artifacts.read_metrics(run_dir)
     assert states[("promote", -1)] == ("success" if gate["promotable"] else "skipped")
     assert dag_run.state == DagRunState.SUCCESS
     error = json.loads((run_dir / "variants" / "v2" / "finetune.error.json").read_text())["error"]
@@ -72,7 +73,7 @@ def test_a_failed_variant_does_not_sink_the_others(sweep_run):
 
 def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_run):
     _, run_dir = sweep_run
-    m = json.loads((run_dir / "report" / "metrics.json").read_text())
+    m = artifacts.read_metrics(run_dir)
     rows = {v["name"]: v for v in m["variants"]}
     assert [rows[n]["status"] for n in ("v0", "v1", "v2")] == ["ok", "ok", "failed"]
     assert rows["v2"]["failed_stage"] == "finetune" and "StageInputError" in rows["v2"]["error"]
@@ -82,7 +83,7 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
     assert m["variant"] == best["name"] and m["promotable"] == (best["name"] if passing else None)
     assert m["heldout"]["rouge_l"]["tuned"] == best["rouge_l"]  # the detailed sections are the chosen variant's
 
-    html = (run_dir / "report" / "report.html").read_text()
+    html = artifacts.report_path(run_dir).read_text()
     assert "Sweep: 3 variants, 2 finished, " in html and "failed in finetune" in html
     assert "learning_rate=0.003, lora_rank=4" in html and "StageInputError" in html
     section = html[html.index('id="sweep"'):html.index('id="verdict"')]
@@ -94,7 +95,7 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
     header = header[: header.index("</tr>")]
     assert header.count("<th>") == 4  # prompt, base, v0, v1
     if m["promotable"]:
-        champion = json.loads((run_dir.parent / "champion.json").read_text())
+        champion = json.loads((run_dir.parent / artifacts.CHAMPION).read_text())
         assert champion["run_id"] == run_dir.name and champion["variant"] == m["promotable"]
-        assert champion["adapter"] == str(run_dir / "variants" / m["promotable"] / "finetune" / "adapter.lora.h5")
+        assert champion["adapter"] == str(artifacts.adapter_path(run_dir / "variants" / m["promotable"]))
         assert champion["lora_rank"] == rows[m["promotable"]]["overrides"]["lora_rank"]

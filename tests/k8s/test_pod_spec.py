@@ -19,6 +19,7 @@ import yaml
 from kubernetes.client import ApiClient, V1Pod
 from kubernetes.utils import parse_quantity
 
+from tasks.artifacts import STAGES
 from tests.k8s.conftest import DAG_FILE, DAG_ID, GPU_STAGES, REPO, RUN_ID, kubernetes_env, task_context
 
 # A cluster version a couple of years old and the newest schema kubernetes-validate bundles.
@@ -257,11 +258,11 @@ def test_dag_parses_in_kubernetes_mode_with_the_same_tasks_and_edges(k8s_dag_mod
     k8s = parse_in_subprocess(kubernetes_env())
     local = parse_in_subprocess({"GEMMA_RUNNER": "local"})
     assert k8s["errors"] == {} and k8s["ml"] == []
-    chain = [[a, b] for a, b in zip(module.STAGES, module.STAGES[1:])]
+    chain = [[a, b] for a, b in zip(STAGES, STAGES[1:])]
     assert k8s["edges"] == local["edges"] == sorted(chain + [["snapshot", "snapshot_changed"], ["sweep", "generate"]])
-    assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*module.STAGES, "snapshot_changed"])
+    assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*STAGES, "snapshot_changed"])
     assert {t: k8s["tasks"][t] for t in GPU_STAGES} == {t: "KubernetesPodOperator" for t in GPU_STAGES}
-    assert all(k8s["tasks"][t] == local["tasks"][t] for t in module.STAGES if t not in GPU_STAGES)
+    assert all(k8s["tasks"][t] == local["tasks"][t] for t in STAGES if t not in GPU_STAGES)
 
 
 def test_a_bad_pod_setting_is_an_import_error_that_names_it():

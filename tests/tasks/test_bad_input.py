@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import snapshot
+from tasks import artifacts, snapshot
 from tasks.cli import stage_argv
 from tasks.config import BUNDLED_DOLLY, ConfigError, load_config
 from tasks.snapshot import SnapshotError
@@ -72,7 +72,7 @@ def test_skip_counts_every_reason_keeps_examples_without_text(tmp_path):
     bad = [bad_line(case, good) for case in BAD]
     src = write_source(tmp_path / "d.jsonl", good, bad, every=25)
     result = snapshot.run(cfg_for(src), tmp_path / "runs" / "r1")
-    manifest = json.loads((tmp_path / "runs" / "r1" / "snapshot" / "manifest.json").read_text())
+    manifest = artifacts.read_snapshot_manifest(tmp_path / "runs" / "r1")
     v = manifest["validation"]
     assert result["row_count"] == manifest["row_count"] == 300 and result["rows_bad"] == len(BAD)
     assert (v["rows_read"], v["rows_bad"], v["policy"]) == (300 + len(BAD), len(BAD), "skip")
@@ -91,7 +91,7 @@ def test_skip_counts_every_reason_keeps_examples_without_text(tmp_path):
             assert word in x["detail"]
     text = json.dumps(manifest)
     assert SECRET_TEXT not in text and "x" * 100 not in text  # never the record's text
-    records = (tmp_path / "runs" / "r1" / "snapshot" / "records.jsonl").read_text()
+    records = (tmp_path / "runs" / "r1" / "snapshot" / artifacts.RECORDS).read_text()
     assert SECRET_TEXT not in records and len(records.splitlines()) == 300
 
 
@@ -138,7 +138,7 @@ def test_share_threshold_names_the_share_and_counts_by_reason(tmp_path):
 
 def test_a_failing_snapshot_loses_nothing_already_written(tmp_path):
     runs = tmp_path / "runs"
-    store = runs / "snapshots" / snapshot.dataset_slug(load_config("tiny_test").dataset_hub_id)
+    store = runs / "snapshots" / artifacts.dataset_slug(load_config("tiny_test").dataset_hub_id)
     good = write_source(tmp_path / "good.jsonl", good_lines(50), [], every=1)
     first = snapshot.run(cfg_for(good), runs / "r1")
     before_run = {p.name: p.read_bytes() for p in (runs / "r1" / "snapshot").iterdir()}
@@ -228,7 +228,7 @@ def test_report_shows_skipped_records_by_reason(tiny_run, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
-    path = run_dir / "snapshot" / "manifest.json"
+    path = run_dir / "snapshot" / artifacts.MANIFEST
     manifest = json.loads(path.read_text())
     manifest["validation"].update(rows_read=1712, rows_bad=12, bad_share=12 / 1712,
                                   bad_by_reason={"duplicate": 5, "malformed_json": 7})

@@ -1,6 +1,6 @@
 from tasks.batching import encode
 from tasks.models import load_tokenizer
-from tasks.preprocess import format_example, format_prompt
+from tasks.prompt_template import format_example, format_prompt
 
 
 def example(instruction, response):

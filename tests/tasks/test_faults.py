@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from tasks import preprocess, snapshot
+from tasks import artifacts, preprocess, snapshot
 from tasks.config import load_config
 
 SETTINGS = {"num_examples": "64", "heldout_examples": "8", "eval_examples": "8", "batch_size": "2",
@@ -43,7 +43,7 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     killed, clean = tmp_path / "runs" / "killed", tmp_path / "runs" / "clean"
     prepare(killed)
     prepare(clean)
-    latest = killed / "finetune.checkpoints" / "latest.json"
+    latest = artifacts.checkpoint_dir(killed) / "latest.json"
 
     proc = subprocess.Popen(argv(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -63,30 +63,30 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     retry = subprocess.run(argv(killed), capture_output=True, text=True, timeout=600)
     assert retry.returncode == 0, retry.stderr[-3000:]
     assert f"RESUMING from the checkpoint at step {killed_at}/{TOTAL_STEPS}" in retry.stderr
-    result = json.loads((killed / "finetune" / "result.json").read_text())
-    history = json.loads((killed / "finetune" / "history.json").read_text())
+    result = artifacts.read_finetune_result(killed)
+    history = artifacts.read_history(killed)
     assert result["steps"] == TOTAL_STEPS and result["resumed_from_step"] == killed_at
     assert [h["step"] for h in history] == list(range(1, TOTAL_STEPS + 1))  # one continuous curve
-    assert not list(killed.glob(".finetune.tmp-*")) and not (killed / "finetune.checkpoints").exists()
+    assert not list(killed.glob(".finetune.tmp-*")) and not (artifacts.checkpoint_dir(killed)).exists()
 
     # The resumed run ends where an uninterrupted one does.
     subprocess.run(argv(clean), capture_output=True, check=True, timeout=600)
-    a = lora_weights(killed / "finetune" / "adapter.lora.h5")
-    b = lora_weights(clean / "finetune" / "adapter.lora.h5")
+    a = lora_weights(artifacts.adapter_path(killed))
+    b = lora_weights(artifacts.adapter_path(clean))
     assert a.keys() == b.keys() and a
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
-    clean_history = json.loads((clean / "finetune" / "history.json").read_text())
+    clean_history = artifacts.read_history(clean)
     np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in clean_history], atol=1e-3)
 
 
 def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path):
     run_dir = tmp_path / "runs" / "r"
     prepare(run_dir)
-    ckpt = run_dir / "finetune.checkpoints"
+    ckpt = artifacts.checkpoint_dir(run_dir)
     ckpt.mkdir()
     (ckpt / "latest.json").write_text(json.dumps({"dir": "step-0000004", "step": 4, "fingerprint": "other-inputs"}))
     out = subprocess.run(argv(run_dir), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ignoring checkpoints" in out.stderr and "RESUMING" not in out.stderr
-    assert json.loads((run_dir / "finetune" / "result.json").read_text())["resumed_from_step"] is None
+    assert artifacts.read_finetune_result(run_dir)["resumed_from_step"] is None

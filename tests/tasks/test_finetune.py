@@ -4,9 +4,11 @@ import random
 import numpy as np
 import pytest
 
-from tasks import finetune, preprocess, snapshot
+from tasks import artifacts, finetune, preprocess, snapshot, training
 from tasks.config import load_config
+from tasks.prompt_template import format_example
 from tasks.storage import StageInputError
+from tests.tasks.test_faults import lora_weights
 
 # A task a tiny random model can learn in seconds: answers with a fixed shape ("A lime is green.").
 # On real Dolly text a 100k-parameter random model barely moves in a test's time budget; the real
@@ -35,8 +37,8 @@ def test_finetune_lowers_heldout_loss(tmp_path):
     for stage in (snapshot, preprocess, finetune):
         stage.run(cfg, run_dir)
     out = run_dir / "finetune"
-    result = json.loads((out / "result.json").read_text())
-    history = json.loads((out / "history.json").read_text())
+    result = json.loads((out / artifacts.RESULT).read_text())
+    history = json.loads((out / artifacts.HISTORY).read_text())
     base, tuned = result["heldout_base"], result["heldout_tuned"]
     print("held-out base", base, "tuned", tuned)
     assert result["steps"] == len(history) == 16 * 10
@@ -45,14 +47,42 @@ def test_finetune_lowers_heldout_loss(tmp_path):
     assert tuned["response_perplexity"] < 0.8 * base["response_perplexity"]
     assert tuned["accuracy"] > base["accuracy"] + 0.3
     assert np.mean([h["loss"] for h in history[-16:]]) < np.mean([h["loss"] for h in history[:16]])
-    assert (out / "adapter.lora.h5").stat().st_size > 0
+    assert (out / artifacts.ADAPTER).stat().st_size > 0
     assert result["config"]["lora_rank"] == 4 and result["trainable_parameters"] > 0
+
+
+def test_the_stage_is_its_named_steps_in_order(tmp_path):
+    """setup -> score_base -> train -> score_tuned -> save, called one by one, give the stage's own
+    result: the same adapter, history and scores as `finetune.run` on the same inputs."""
+    cfg = load_config("tiny_test", {"num_examples": "16", "eval_examples": "4"})
+    run_dir = tmp_path / "run"
+    for stage in (snapshot, preprocess, finetune):
+        stage.run(cfg, run_dir)
+    by_run = artifacts.read_finetune_result(run_dir)
+    out = tmp_path / "by_hand"
+    out.mkdir()
+    engine = training.engine_for(cfg)
+    with training.dtype_policy(engine["dtype_policy"]):
+        s = finetune.setup(cfg, run_dir, engine, fp="by-hand")
+        assert s.resume is None and len(s.plan) == 16 // cfg.batch_size and len(s.heldout) == 4
+        base = finetune.score_base(s)
+        trained = finetune.train(s, base)
+        assert [h["step"] for h in trained.history] == list(range(1, len(s.plan) + 1)) and trained.start == 0
+        tuned = finetune.score_tuned(s)
+        summary = finetune.save(s, trained, base, tuned, out)
+    assert summary == {"steps": by_run["steps"], "heldout_loss_base": by_run["heldout_base"]["loss"],
+                       "heldout_loss_tuned": by_run["heldout_tuned"]["loss"]}
+    untimed = lambda history: [{k: v for k, v in h.items() if k != "elapsed_s"} for h in history]  # noqa: E731
+    assert untimed(json.loads((out / artifacts.HISTORY).read_text())) == untimed(artifacts.read_history(run_dir))
+    assert lora_weights(out / artifacts.ADAPTER).keys() == lora_weights(artifacts.adapter_path(run_dir)).keys()
+    for name, w in lora_weights(out / artifacts.ADAPTER).items():
+        np.testing.assert_array_equal(w, lora_weights(artifacts.adapter_path(run_dir))[name])
 
 
 def test_only_lora_weights_change():
     import keras
 
-    from tasks.finetune import build_optimizer
+    from tasks.training import build_optimizer
     from tasks.models import load_causal_lm
 
     cfg = load_config("tiny_test", {"learning_rate": "1e-2"})
@@ -62,7 +92,7 @@ def test_only_lora_weights_change():
     lm.backbone.enable_lora(rank=4)
     lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=build_optimizer(cfg),
                weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()])
-    lm.fit(["Instruction:\nSay hi\n\nResponse:\nHi there."] * 8, epochs=2, batch_size=2, verbose=0)
+    lm.fit([format_example("Say hi", "Hi there.")] * 8, epochs=2, batch_size=2, verbose=0)
     after = {w.path: np.array(w.numpy()) for w in lm.backbone.weights}
     lora = [p for p in after if "lora" in p]
     assert lora and set(before) == set(after) - set(lora)
@@ -75,7 +105,7 @@ def test_only_lora_weights_change():
 def test_optimizer_excludes_bias_and_scale_from_decay():
     import keras
 
-    opt = finetune.build_optimizer(load_config("gemma_2b_lora"))
+    opt = training.build_optimizer(load_config("gemma_2b_lora"))
     assert isinstance(opt, keras.optimizers.AdamW)
     assert float(opt.learning_rate) == pytest.approx(5e-5) and opt.weight_decay == pytest.approx(0.01)
     named = lambda name: keras.Variable(np.ones(2), name=name)  # noqa: E731

@@ -1,7 +1,7 @@
-import json
 
 import pytest
 
+from tasks import artifacts
 from tasks.config import load_config
 from tasks.generate import answer, make_sampler, stop_token_ids
 from tasks.prompt_suite import load_suite
@@ -22,7 +22,7 @@ def test_suite_v1_covers_every_category_and_the_tutorial_prompts():
 
 
 def test_answers_for_base_and_tuned(tiny_run):
-    data = json.loads((tiny_run / "generate" / "answers.json").read_text())
+    data = artifacts.read_answers(tiny_run)
     suite = load_suite("v1")
     for model in ("base", "tuned"):
         answers = data["models"][model]
@@ -50,7 +50,7 @@ def test_stop_and_max_length_are_read_from_token_ids():
         assert a["hit_max_length"] and not a["stopped_at_eos"]
         assert a["tokens"] > 0
     # Make the first token greedy decoding picks a stop token: the answer is then empty and stopped.
-    from tasks.preprocess import format_prompt
+    from tasks.prompt_template import format_prompt
 
     tok = lm.preprocessor.tokenizer
     x = lm.preprocessor.generate_preprocess([format_prompt(prompts[0]["prompt"])], sequence_length=40)

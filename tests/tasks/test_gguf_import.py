@@ -21,6 +21,7 @@ import pytest
 
 from tasks import gguf_import as gi
 from tasks.gguf_import import GGUFImportError, import_gguf
+from tasks.prompt_template import format_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 ROUND_TRIP_TEXT = "Instruction:\nWhat is 2+2?\n\nResponse:\n  Four.\n<start_of_turn>user"
@@ -198,7 +199,7 @@ def _quiet(_msg: str) -> None:
 def synthetic(tmp_path_factory):
     import keras
 
-    # DESIGN.md trap: seed before any tokenizer exists, or later fit() calls in this process fail.
+    # A trap: seed before any tokenizer exists, or later fit() calls in this process fail.
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("gguf_synthetic")
     gguf_path = root / "tiny-gemma3.gguf"
@@ -502,7 +503,7 @@ def _dolly_examples(n: int) -> list[tuple[str, str]]:
             record = json.loads(line)
             if record["context"].strip():
                 continue
-            prompt = f"Instruction:\n{record['instruction']}\n\nResponse:\n"
+            prompt = format_prompt(record["instruction"])
             examples.append((prompt, record["response"]))
             if len(examples) == n:
                 break

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tasks import preprocess, snapshot
+from tasks import artifacts, preprocess, snapshot
 from tasks.config import ConfigError, load_config
 from tasks.storage import StageInputError
 
@@ -13,7 +13,7 @@ def run_both(run_dir, **overrides):
     preprocess.run(cfg, run_dir)
     out = run_dir / "preprocess"
     read = lambda name: [json.loads(x) for x in (out / name).read_text().splitlines()]  # noqa: E731
-    return read("train.jsonl"), read("heldout.jsonl"), json.loads((out / "manifest.json").read_text())
+    return read("train.jsonl"), read("heldout.jsonl"), json.loads((out / artifacts.MANIFEST).read_text())
 
 
 def test_template_split_and_drops(tmp_path):

@@ -1,12 +1,12 @@
 import json
 import shutil
 
-from tasks import promote
+from tasks import artifacts, promote
 from tasks.config import load_config
 
 
 def set_verdict(run_dir, passed: bool):
-    path = run_dir / "report" / "metrics.json"
+    path = run_dir / "report" / artifacts.METRICS
     m = json.loads(path.read_text())
     m["gate"]["passed"] = passed
     for c in m["gate"]["checks"]:
@@ -26,10 +26,10 @@ def test_passing_run_becomes_champion_and_failing_run_does_not(tiny_run, tmp_pat
     cfg = load_config("tiny_test")
 
     assert promote.run(cfg, good)["promoted"] is True
-    champion = json.loads((root / "champion.json").read_text())
+    champion = json.loads((root / artifacts.CHAMPION).read_text())
     assert champion["run_id"] == "good" and champion["adapter"].endswith("adapter.lora.h5")
     assert set(champion["metrics"]) == {"rouge_l", "eos_stop_rate", "perplexity"}
 
     decision = promote.run(cfg, bad)
     assert decision["promoted"] is False and len(decision["failed_checks"]) == 3
-    assert json.loads((root / "champion.json").read_text())["run_id"] == "good"  # unchanged
+    assert json.loads((root / artifacts.CHAMPION).read_text())["run_id"] == "good"  # unchanged

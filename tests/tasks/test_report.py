@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tasks import report
+from tasks import artifacts, report
 from tasks.config import load_config
 from tasks.evaluation import evaluate
 from tasks.prompt_suite import load_suite
@@ -39,8 +39,8 @@ class Collector(HTMLParser):
 
 
 def test_report_shows_every_prompt_side_by_side(tiny_run):
-    html = (tiny_run / "report" / "report.html").read_text()
-    answers = json.loads((tiny_run / "generate" / "answers.json").read_text())
+    html = artifacts.report_path(tiny_run).read_text()
+    answers = artifacts.read_answers(tiny_run)
     for p in load_suite("v1")["prompts"]:
         assert f'id="prompt-{p["id"]}"' in html
     assert html.count('class="answer base"') == html.count('class="answer tuned"') == len(answers["models"]["base"])
@@ -51,15 +51,15 @@ def test_report_shows_every_prompt_side_by_side(tiny_run):
 
 def test_every_in_page_link_resolves(tiny_run):
     parsed = Collector()
-    parsed.feed((tiny_run / "report" / "report.html").read_text())
+    parsed.feed(artifacts.report_path(tiny_run).read_text())
     assert parsed.hrefs, "the report has a table of contents"
     for href in parsed.hrefs:
         assert href.startswith("#") and href[1:] in parsed.ids, href
 
 
 def test_verdict_comes_first_and_metrics_are_stored(tiny_run):
-    html = (tiny_run / "report" / "report.html").read_text()
-    m = json.loads((tiny_run / "report" / "metrics.json").read_text())
+    html = artifacts.report_path(tiny_run).read_text()
+    m = artifacts.read_metrics(tiny_run)
     assert html.index('id="verdict"') < html.index('id="metrics"') < html.index('id="prompts"')
     assert ("PASSED" if m["gate"]["passed"] else "FAILED") in html[html.index('id="verdict"'):html.index('id="metrics"')]
     assert m["heldout"]["n"] == 8 and len(m["per_prompt"]) == len(load_suite("v1")["prompts"])
@@ -68,7 +68,7 @@ def test_verdict_comes_first_and_metrics_are_stored(tiny_run):
 def test_untrusted_text_is_escaped(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
-    answers_path = run_dir / "generate" / "answers.json"
+    answers_path = run_dir / "generate" / artifacts.ANSWERS
     answers = json.loads(answers_path.read_text())
     for group in ("models", "heldout"):
         for model in ("base", "tuned"):
@@ -78,7 +78,7 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
                 if group == "heldout":
                     a["reference"] = HOSTILE[i - 1]
     answers_path.write_text(json.dumps(answers))
-    manifest_path = run_dir / "snapshot" / "manifest.json"
+    manifest_path = run_dir / "snapshot" / artifacts.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest["source"] = HOSTILE[0]
     manifest["category_counts"][HOSTILE[1]] = 1

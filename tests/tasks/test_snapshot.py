@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import snapshot
+from tasks import artifacts, snapshot
 from tasks.airflow_settings import run_dir_for
 from tasks.config import BUNDLED_DOLLY, load_config
 from tasks.snapshot import CATEGORIES, SnapshotError
@@ -26,8 +26,8 @@ def cfg_for(source, **kw):
 
 def test_bundled_snapshot_manifest(tmp_path):
     result = snapshot.run(load_config("tiny_test"), tmp_path)
-    manifest = json.loads((tmp_path / "snapshot" / "manifest.json").read_text())
-    records = [json.loads(x) for x in (tmp_path / "snapshot" / "records.jsonl").read_text().splitlines()]
+    manifest = artifacts.read_snapshot_manifest(tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "snapshot" / artifacts.RECORDS).read_text().splitlines()]
     assert manifest["row_count"] == len(records) == 1700 == result["row_count"]
     assert set(manifest["category_counts"]) == set(CATEGORIES)
     assert sum(manifest["category_counts"].values()) == 1700
@@ -39,7 +39,7 @@ def test_bundled_snapshot_manifest(tmp_path):
 def test_full_dolly_file(tmp_path, dolly_full):
     started = time.time()
     result = snapshot.run(cfg_for(dolly_full), tmp_path)
-    manifest = json.loads((tmp_path / "snapshot" / "manifest.json").read_text())
+    manifest = artifacts.read_snapshot_manifest(tmp_path)
     assert result["row_count"] == 14996
     # Figures from the data set's own README.
     assert manifest["category_counts"]["open_qa"] == 3738
@@ -184,7 +184,7 @@ def dolly_second_revision(dolly_full, tmp_path_factory) -> tuple[Path, collectio
 
 
 def store_of(runs: Path) -> Path:
-    return runs / "snapshots" / snapshot.dataset_slug(load_config("tiny_test").dataset_hub_id)
+    return runs / "snapshots" / artifacts.dataset_slug(load_config("tiny_test").dataset_hub_id)
 
 
 def published(store: Path) -> list[str]:
@@ -192,7 +192,7 @@ def published(store: Path) -> list[str]:
 
 
 def manifest_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "snapshot" / "manifest.json").read_text())
+    return artifacts.read_snapshot_manifest(run_dir)
 
 
 def ids_of(path: Path) -> dict[str, dict]:
@@ -219,7 +219,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     assert (m2["changes"]["rows_added"], m2["changes"]["rows_removed"], m2["changes"]["rows_changed"]) == (0, 0, 0)
     assert published(store) == [first["snapshot_id"]]
     assert (store / "LATEST.json").stat().st_mtime_ns == latest_stamp
-    assert (runs / "r2" / "snapshot" / "records.jsonl").read_bytes() == (store / first["snapshot_id"] / "records.jsonl").read_bytes()
+    assert (runs / "r2" / "snapshot" / artifacts.RECORDS).read_bytes() == (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes()
 
     # The April 2023 texts: what the old revision's README implies.
     third = snapshot.run(cfg_for(revision2), runs / "r3")
@@ -232,7 +232,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     assert m3["previous_snapshot_id"] == first["snapshot_id"] and m3["snapshot_id"] == third["snapshot_id"]
     assert published(store) == sorted([first["snapshot_id"], third["snapshot_id"]])
     assert json.loads((store / "LATEST.json").read_text())["snapshot_id"] == third["snapshot_id"]
-    before, after = ids_of(store / first["snapshot_id"] / "records.jsonl"), ids_of(runs / "r3" / "snapshot" / "records.jsonl")
+    before, after = ids_of(store / first["snapshot_id"] / artifacts.RECORDS), ids_of(runs / "r3" / "snapshot" / artifacts.RECORDS)
     examples = m3["changes"]["examples"]
     assert len(examples["changed"]) == 5 and examples["removed"] == []
     for pair in examples["changed"]:
@@ -326,7 +326,7 @@ def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path):
     manifest = manifest_of(run_dir_for(run_id))
     assert manifest["changed"] is True
     assert events == [(
-        snapshot.asset_uri(manifest["dataset"]), "snapshot_changed",
+        artifacts.asset_uri(manifest["dataset"]), "snapshot_changed",
         {"sha256": manifest["sha256"], "row_count": 41, "revision": manifest["revision"], "snapshot_id": manifest["snapshot_id"],
          "rows_added": manifest["changes"]["rows_added"], "rows_removed": manifest["changes"]["rows_removed"],
          "rows_changed": manifest["changes"]["rows_changed"]},

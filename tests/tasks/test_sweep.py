@@ -5,20 +5,21 @@ import json
 
 import pytest
 
-from tasks import sweep
-from tasks.cli import error_path, stage_main
+from tasks import variants
+from tasks.cli import stage_main
+from tasks.storage import error_path
 from tasks.config import ConfigError, load_config
 
 
 def test_no_variants_is_one_unnamed_variant_that_writes_to_the_run_dir(tmp_path):
-    plan = sweep.plan_variants(load_config("tiny_test"))
+    plan = variants.plan_variants(load_config("tiny_test"))
     assert plan == [{"index": 0, "name": "", "label": "as configured", "overrides": {}}]
-    assert sweep.variant_dir(tmp_path, "") == tmp_path and not (tmp_path / "variants").exists()
+    assert variants.variant_dir(tmp_path, "") == tmp_path and not (tmp_path / "variants").exists()
 
 
 def test_variants_are_validated_with_the_config_and_named_in_errors():
     cfg = load_config("tiny_test", {"variants": '[{"lora_rank": 8}, {"learning_rate": "2e-4", "train_mode": "fast"}, {}]'})
-    plan = sweep.plan_variants(cfg)
+    plan = variants.plan_variants(cfg)
     assert [v["name"] for v in plan] == ["v0", "v1", "v2"]
     assert plan[1]["overrides"] == {"learning_rate": 0.0002, "train_mode": "fast"}
     assert [v["label"] for v in plan] == ["lora_rank=8", "learning_rate=0.0002, train_mode=fast", "as configured"]
@@ -45,7 +46,7 @@ def test_variant_overrides_win_and_outputs_go_to_the_variant_folder(tmp_path):
     (cfg, run_dir), = seen
     assert (cfg.lora_rank, cfg.learning_rate, cfg.variants) == (16, 0.5, ())
     assert run_dir == run / "variants" / "v1"
-    for shared in sweep.SHARED_STAGES:
+    for shared in variants.SHARED_STAGES:
         link = run_dir / shared
         assert link.is_symlink() and not link.readlink().is_absolute()
         assert link.resolve() == (run / shared).resolve()

@@ -2,13 +2,12 @@
 (length-bucketed batches padded per batch; XLA on GPUs, one TF graph on CPUs; bf16 where native). Same recipe, same loss, same
 resumability. Speed is measured by bench/train_modes.py, not asserted here."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tasks import finetune, preprocess, snapshot
+from tasks import artifacts, finetune, preprocess, snapshot, training
 from tasks.batching import Step, encode, input_lengths, step_arrays
 from tasks.checkpoints import Checkpoints
 from tasks.config import ConfigError, load_config
@@ -31,30 +30,30 @@ def test_defaults_stay_the_tutorial_recipe_and_fast_is_one_setting_away():
 
 def test_engine_follows_the_device_in_fast_mode_and_the_config_in_tutorial_mode(monkeypatch):
     def engine(**kw):
-        return finetune.engine_for(load_config("tiny_test", kw))
+        return training.engine_for(load_config("tiny_test", kw))
 
     # A CPU without AMX-BF16: float32, a TF graph for any width.
-    monkeypatch.setattr(finetune, "has_gpu", lambda: False)
-    monkeypatch.setattr(finetune, "cpu_has_bfloat16", lambda: False)
+    monkeypatch.setattr(training, "has_gpu", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)
     assert engine(train_mode="fast") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 0}
     assert engine(train_mode="fast", mixed_precision="bfloat16")["dtype_policy"] == "mixed_bfloat16"
     # A CPU with it (this machine's Xeon): mixed bfloat16 in fast mode only.
-    monkeypatch.setattr(finetune, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: True)
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="fast", mixed_precision="off")["dtype_policy"] == "float32"
     assert engine(train_mode="tutorial", jit_compile="true") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 1}
     # GPUs: XLA with at most bucket_shapes widths; bfloat16 only from compute capability 8.0.
-    monkeypatch.setattr(finetune, "has_gpu", lambda: True)
-    monkeypatch.setattr(finetune, "gpus_with_bfloat16", lambda: [])  # a T4
+    monkeypatch.setattr(training, "has_gpu", lambda: True)
+    monkeypatch.setattr(training, "gpus_with_bfloat16", lambda: [])  # a T4
     assert engine(train_mode="fast", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3}
-    monkeypatch.setattr(finetune, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
+    monkeypatch.setattr(training, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="tutorial", jit_compile="false") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 1}
 
 
 def test_cpu_bfloat16_detection_reads_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    assert finetune.cpu_has_bfloat16() == ("amx_bf16" in flags)
+    assert training.cpu_has_bfloat16() == ("amx_bf16" in flags)
 
 
 def test_a_fast_step_is_the_tutorial_step():
@@ -63,7 +62,7 @@ def test_a_fast_step_is_the_tutorial_step():
     import keras
 
     from tasks.models import load_causal_lm
-    from tasks.preprocess import format_example, format_prompt
+    from tasks.prompt_template import format_example, format_prompt
 
     pairs = [("Name a colour.", "Blue."), ("Name a fruit.", "A pear, often green."), ("Say hi.", "Hi!"),
              ("Count to three.", "One, two, three."), ("Name a month.", "May."), ("Name a sea.", "The Baltic Sea.")]
@@ -76,7 +75,7 @@ def test_a_fast_step_is_the_tutorial_step():
         lm = load_causal_lm("tiny:gemma", sequence_length=128)
         enc = encode(lm.preprocessor.tokenizer, rows, 128)
         lm.backbone.enable_lora(rank=4)
-        finetune.compile_for_training(lm, cfg, finetune.build_optimizer(cfg))
+        training.compile_for_training(lm, cfg, training.build_optimizer(cfg))
         lm.preprocessor = None
         losses = []
         for idx in ([0, 1, 2, 3], [4, 5]):
@@ -102,11 +101,11 @@ def test_fast_mode_reaches_the_tutorial_heldout_loss(tmp_path):
         run_dir = tmp_path / mode
         for stage in (snapshot, preprocess, finetune):
             stage.run(cfg, run_dir)
-        out[mode] = json.loads((run_dir / "finetune" / "result.json").read_text())
+        out[mode] = artifacts.read_finetune_result(run_dir)
     tut, fast = out["tutorial"], out["fast"]
     print("held-out tuned loss: tutorial", tut["heldout_tuned"], "fast", fast["heldout_tuned"])
     # CPU: one TF graph for every width (no XLA, no width limit); bfloat16 where the CPU has AMX.
-    bf16 = finetune.cpu_has_bfloat16()
+    bf16 = training.cpu_has_bfloat16()
     assert fast["training"]["train_mode"] == "fast" and fast["training"]["jit_compile"] is False
     assert fast["training"]["dtype_policy"] == ("mixed_bfloat16" if bf16 else "float32")
     assert fast["training"]["max_widths"] == 0 and max(map(int, fast["training"]["widths"])) < 64
@@ -147,14 +146,14 @@ def test_fast_mode_resumes_to_the_same_result(tmp_path, monkeypatch):
     finetune.run(cfg, killed)
     finetune.run(cfg, clean)
 
-    result = json.loads((killed / "finetune" / "result.json").read_text())
-    history = json.loads((killed / "finetune" / "history.json").read_text())
-    clean_history = json.loads((clean / "finetune" / "history.json").read_text())
+    result = artifacts.read_finetune_result(killed)
+    history = artifacts.read_history(killed)
+    clean_history = artifacts.read_history(clean)
     assert result["resumed_from_step"] == 12 and result["steps"] == TOTAL_STEPS
     assert [h["step"] for h in history] == list(range(1, TOTAL_STEPS + 1))
     assert [h["width"] for h in history] == [h["width"] for h in clean_history]
     assert len({h["width"] for h in history}) > 1  # really bucketed
-    a, b = lora_weights(killed / "finetune" / "adapter.lora.h5"), lora_weights(clean / "finetune" / "adapter.lora.h5")
+    a, b = lora_weights(artifacts.adapter_path(killed)), lora_weights(artifacts.adapter_path(clean))
     assert a.keys() == b.keys() and a
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)

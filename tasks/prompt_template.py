@@ -1,0 +1,31 @@
+"""The prompt format the model is tuned on and asked in: the one place it is written down.
+
+The Keras tutorial's template, `Instruction:\\n{instruction}\\n\\nResponse:\\n{response}`. Preprocess
+formats the training and held-out texts with it, generate asks its prompt half, the metrics detect
+an answer that runs on into a new turn of it (`leaks`), and the tiny test models' vocabulary is
+trained on texts in it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# The turn markers, in order; the template is built from them.
+MARKERS = ("Instruction", "Response")
+PROMPT_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n"
+TEMPLATE = PROMPT_TEMPLATE + "{response}"
+# A new turn of the template inside an answer: the model kept going after its answer.
+_LEAK = re.compile(r"(^|\n)\s*(" + "|".join(MARKERS) + r")\s*:", re.IGNORECASE)
+
+
+def format_example(instruction: str, response: str) -> str:
+    return TEMPLATE.format(instruction=instruction, response=response)
+
+
+def format_prompt(instruction: str) -> str:
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def leaks(text: str) -> bool:
+    """Whether an answer holds a new turn of the template (the model did not stop)."""
+    return bool(_LEAK.search(text))

@@ -1,0 +1,258 @@
+"""The training engine: how a LoRA fine-tune runs on this device, shared by `finetune` and the benchmarks.
+
+The recipe is the Keras tutorial's: `backbone.enable_lora(rank)`, AdamW(learning_rate, weight_decay)
+with bias and scale excluded from decay, SparseCategoricalCrossentropy(from_logits=True),
+SparseCategoricalAccuracy, `fit` over the planned steps. `train_mode` picks how the batches run, not
+what is learned: `tutorial` pads every example to the sequence length; `fast` pads each
+length-bucketed batch only to its longest example, divides the loss by the same batch_size x
+sequence_length as the tutorial (so each step's loss is the tutorial's loss on those examples) and
+picks the engine for the device (`engine_for`): XLA with a few batch widths on a GPU, one TensorFlow
+graph for every width on a CPU, mixed bfloat16 where the device computes it natively. Both modes
+train on every example once per epoch with the same seeded epoch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+from tasks.batching import Step, plan_batches, step_arrays
+from tasks.config import Config
+
+log = logging.getLogger("gemma_pipeline")
+
+
+def describe_device() -> dict:
+    import os
+    import platform
+
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+    return {"gpus": names, "cpu_count": os.cpu_count(), "machine": platform.machine(), "tensorflow": tf.__version__}
+
+
+def gpus_with_bfloat16() -> list[str]:
+    """GPUs with native bfloat16 (compute capability 8.0 or newer: A100, L4, H100, ...)."""
+    import tensorflow as tf
+
+    out = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        if tuple(details.get("compute_capability") or (0, 0)) >= (8, 0):
+            out.append(details.get("device_name", gpu.name))
+    return out
+
+
+def cpu_has_bfloat16() -> bool:
+    """AMX-BF16 on this CPU: oneDNN then runs bfloat16 matmuls ~2.5x faster than float32 (measured
+    on the 2-core Xeon of the CPU benchmark); without it bfloat16 only emulates."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def engine_for(cfg: Config) -> dict:
+    """How training runs on this device: XLA or not, the dtype policy and the most batch widths.
+
+    tutorial: XLA as `jit_compile` says, one width. fast: on a GPU, XLA (each batch width is one
+    compilation, so at most `bucket_shapes` widths); on a CPU a plain TensorFlow graph, which Keras
+    traces once for batches of any width (the dataset's width is None), so every batch takes the
+    next multiple of `bucket_multiple` (max_widths 0 = no limit). Mixed bfloat16: see the config key
+    mixed_precision. A resumed run resumes only a checkpoint made with the same engine.
+    """
+    if cfg.train_mode == "fast":
+        xla = has_gpu()
+        native_bf16 = bool(gpus_with_bfloat16()) if xla else cpu_has_bfloat16()
+        max_widths = cfg.bucket_shapes if xla else 0
+    else:
+        xla, native_bf16, max_widths = cfg.jit_compile, False, 1
+    if cfg.mixed_precision == "bfloat16" or (cfg.mixed_precision == "auto" and native_bf16):
+        policy = "mixed_bfloat16"
+    else:
+        policy = "float32"
+    return {"jit_compile": xla, "dtype_policy": policy, "max_widths": max_widths}
+
+
+def dtype_policy_for(cfg: Config) -> str:
+    """The Keras dtype policy training runs under (see the config key mixed_precision)."""
+    return engine_for(cfg)["dtype_policy"]
+
+
+def train_plan(lengths: list[int], cfg: Config, max_widths: int | None = None) -> list[Step]:
+    """Every step's examples and padded width (tasks.batching.plan_batches), a pure function of the
+    token lengths, the config and the engine's width limit (`engine_for`; default: this device's):
+    a resumed run rebuilds the plan it was checkpointed with. In tutorial mode: each epoch's seeded
+    permutation cut into batches, as the stage always did."""
+    if max_widths is None:
+        max_widths = engine_for(cfg)["max_widths"]
+    return plan_batches(
+        lengths, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.training_seed,
+        sequence_length=cfg.sequence_length, mode=cfg.train_mode,
+        bucket_multiple=cfg.bucket_multiple, bucket_shapes=max_widths,
+    )
+
+
+def rows_fed(steps: list[Step], cfg: Config) -> list[int]:
+    """Rows per step as Keras sees them: fast mode fills a short batch up to batch_size."""
+    return [cfg.batch_size if cfg.train_mode == "fast" else len(s.rows) for s in steps]
+
+
+def build_optimizer(cfg: Config):
+    import keras
+
+    opt = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt.exclude_from_weight_decay(var_names=["bias", "scale"])
+    return opt
+
+
+def compile_for_training(lm, cfg: Config, optimizer, engine: dict | None = None) -> dict:
+    """Compile `lm` for the configured mode; returns what was chosen (recorded in result.json)."""
+    import keras
+
+    engine = engine or engine_for(cfg)
+    if cfg.train_mode == "fast":
+        loss = padded_batch_loss(cfg.batch_size, cfg.sequence_length)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    lm.compile(
+        loss=loss,
+        optimizer=optimizer,
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
+        jit_compile=engine["jit_compile"],
+    )
+    return {"train_mode": cfg.train_mode, "jit_compile": engine["jit_compile"], "loss": type(loss).__name__}
+
+
+def padded_batch_loss(batch_size: int, sequence_length: int):
+    """The tutorial's loss for batches narrower than the sequence length: the weighted token
+    cross-entropy summed and divided by batch_size x sequence_length, which is what Keras's
+    `sum_over_batch_size` divides by when every example is padded to the sequence length."""
+    import keras
+
+    scale = 1.0 / (batch_size * sequence_length)
+
+    class PaddedBatchLoss(keras.losses.Loss):
+        def __init__(self):
+            super().__init__(reduction="sum", name="padded_batch_loss")
+
+        def call(self, y_true, y_pred):
+            ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+            return ce * scale
+
+    return PaddedBatchLoss()
+
+
+def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None):
+    """The steps as a tf.data pipeline. `steps` are Steps (or plain index lists: full width).
+    With `fixed_batch_size` (fast mode) widths vary per step and short batches are filled up."""
+    import tensorflow as tf
+
+    full = enc["token_ids"].shape[1]
+    steps = [s if isinstance(s, Step) else Step(list(s), full) for s in steps]
+
+    def gen():
+        for step in steps:
+            yield step_arrays(enc, step, fixed_batch_size)
+
+    length = None if fixed_batch_size is not None else full
+    spec = (
+        {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.bool)},
+        tf.TensorSpec((None, length), tf.int32),
+        tf.TensorSpec((None, length), tf.float32),
+    )
+    return tf.data.Dataset.from_generator(gen, output_signature=spec)
+
+
+def make_progress_callback(total_steps: int, sizes: list[int], every: int, history: list[dict], start_step: int = 0,
+                           on_step=None, widths: list[int] | None = None):
+    """Per-step loss from Keras's running means, a progress line a user sees in the task log, and
+    `on_step(step)` after each step (checkpointing). `sizes` are the batch sizes (rows fed) of the
+    steps this fit() call runs, which start after `start_step` (a resumed run); `widths` their
+    padded widths, recorded per step."""
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started = time.time()
+            self.step = start_step
+            self.seen = 0
+            self.prev_mean = 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            logs = logs or {}
+            b = sizes[self.step - start_step]
+            self.step += 1
+            mean = float(logs.get("loss", float("nan")))
+            # Keras reports the running mean over this fit() call, weighted by batch size; undo it.
+            step_loss = (mean * (self.seen + b) - self.prev_mean * self.seen) / b
+            self.seen += b
+            self.prev_mean = mean
+            elapsed = time.time() - self.started
+            history.append(
+                {
+                    "step": self.step,
+                    "loss": round(step_loss, 5),
+                    "loss_running": round(mean, 5),
+                    "accuracy_running": round(float(logs.get("sparse_categorical_accuracy", float("nan"))), 5),
+                    "elapsed_s": round(elapsed, 3),
+                }
+            )
+            if widths is not None:
+                history[-1]["width"] = widths[self.step - 1 - start_step]
+            done_here = self.step - start_step
+            if self.step % every == 0 or self.step == total_steps:
+                eta = elapsed / done_here * (total_steps - self.step)
+                log.info(
+                    "finetune: step %d/%d loss %.4f (running %.4f) accuracy %.4f | %.2f s/step, ETA %.0f s",
+                    self.step, total_steps, step_loss, mean, history[-1]["accuracy_running"], elapsed / done_here, eta,
+                )
+            if on_step is not None:
+                on_step(self.step)
+
+    return Progress()
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Keras's global dtype policy set to `name` for the block (models built inside take it)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def prepare(lm, cfg: Config, engine: dict):
+    """LoRA on, the optimizer built and the model compiled for the engine: (optimizer, what was compiled)."""
+    lm.backbone.enable_lora(rank=cfg.lora_rank)
+    optimizer = build_optimizer(cfg)
+    return optimizer, compile_for_training(lm, cfg, optimizer, engine)
+
+
+def fit(lm, enc: dict, plan: list[Step], cfg: Config, callbacks: list, start: int = 0) -> float:
+    """Train on the plan's steps from `start` (a resumed run); the seconds it took. The batches are
+    already token ids, so the string preprocessor is detached while fitting."""
+    t = time.time()
+    preprocessor, lm.preprocessor = lm.preprocessor, None
+    try:
+        if start < len(plan):
+            dataset = make_dataset(enc, plan[start:], cfg.batch_size if cfg.train_mode == "fast" else None)
+            lm.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
+    finally:
+        lm.preprocessor = preprocessor
+    return time.time() - t

@@ -1,0 +1,68 @@
+"""Every config key has one source of truth (its field in tasks.config.Config), and every key either
+changes some stage's outputs, and is then part of that stage's input fingerprint, or says why it
+changes none. A key in neither place would let a stage reuse stale outputs after the key changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from tasks import config
+from tasks.artifacts import STAGES
+
+
+def unaccounted(cls=config.Config) -> list[str]:
+    """Fields that name no stage and give no reason for affecting none, or that do both."""
+    bad = []
+    for f in dataclasses.fields(cls):
+        stages, reason = f.metadata.get("stages", ()), f.metadata.get("no_outputs", "")
+        if bool(stages) == bool(reason):
+            bad.append(f.name)
+        bad += [f"{f.name}: unknown stage {s!r}" for s in stages if s not in STAGES]
+    return bad
+
+
+def test_every_key_is_in_a_stage_fingerprint_or_declared_output_free():
+    assert unaccounted() == []
+
+
+def test_a_planted_key_without_a_stage_is_caught():
+    @dataclasses.dataclass(frozen=True)
+    class Planted(config.Config):
+        new_knob: int = config.key(3, "a key someone forgot to wire")
+
+    assert unaccounted(Planted) == ["new_knob"]
+
+    @dataclasses.dataclass(frozen=True)
+    class Misnamed(config.Config):
+        other_knob: int = config.key(3, "a key with a typo in its stage", stages=("finetuen",))
+
+    assert unaccounted(Misnamed) == ["other_knob: unknown stage 'finetuen'"]
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if config.stage_keys(s)])
+def test_a_stage_fingerprints_exactly_its_declared_keys(stage):
+    """The stage module's CONFIG_KEYS (what it fingerprints and records) are the fields that name it."""
+    import importlib
+
+    module = importlib.import_module(f"tasks.{stage}")
+    assert tuple(module.CONFIG_KEYS) == config.stage_keys(stage)
+
+
+def test_ranges_choices_and_params_are_derived_from_the_fields():
+    for f in dataclasses.fields(config.Config):
+        assert config.RANGES.get(f.name) == f.metadata["range"]
+        assert config.CHOICES.get(f.name) == f.metadata["choices"]
+        assert (f.name in config.VARIANT_KEYS) == f.metadata["variant"]
+    form = config.trigger_form({})
+    assert list(form) == [f.name for f in dataclasses.fields(config.Config) if f.metadata["param"]]
+    for name, spec in form.items():
+        want = typing.get_type_hints(config.Config)[name]
+        assert spec["type"] == {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "array"}[want]
+        if name in config.RANGES:
+            assert (spec["minimum"], spec["maximum"]) == config.RANGES[name]
+        if name in config.CHOICES:
+            assert spec["enum"] == list(config.CHOICES[name])
+        assert spec["description"] == spec["description"].strip() and "<" not in spec["description"]
