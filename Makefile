@@ -18,7 +18,7 @@ export GEMMA_MODELS_DIR ?= $(CURDIR)/.cache/models
 export GEMMA_RUN_ROOT ?= $(CURDIR)/artifacts
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup browser demo test ui clean
+.PHONY: setup browser demo test ui chat clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install -q -p $(PY) -r requirements.lock
 	$(VENV)/bin/uv pip install -q -p $(PY) --no-deps -e .
+	touch $@
+
+# The independent runtimes the export parity tests load exports in: transformers + torch (CPU use;
+# PyPI's wheel brings the CUDA runtime packages, ~5 GB) and llama.cpp, built from source for any
+# x86-64 with AVX2 (the default native build dies with SIGILL on some VMs). uv caches the build.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
+$(VENV)/.parity: requirements-parity.lock $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/uv pip install -q -p $(PY) -r requirements-parity.lock
 	touch $@
 
 $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
@@ -50,13 +60,17 @@ browser:
 	@command -v chromium > /dev/null && command -v chromedriver > /dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null)
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed $(VENV)/.parity browser
 	$(PY) -m pytest
 
 # Airflow UI on http://127.0.0.1:8080 with this DAG; the admin password is printed below.
 ui: $(AIRFLOW_HOME)/airflow.db
 	@echo "Login: admin; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated (written at first start)"
 	$(AIRFLOW) standalone
+
+# Ask the current champion (the last promoted fine-tune) from this shell.
+chat: $(VENV)/.installed
+	$(PY) -m tasks.chat
 
 clean:
 	rm -rf $(AIRFLOW_HOME) $(GEMMA_RUN_ROOT)

@@ -54,11 +54,14 @@ SPEC_TEMPLATE = "{{ ti.xcom_pull(task_ids='sweep')[ti.map_index] | tojson }}"
 LABEL_TEMPLATE = "{{ ti.xcom_pull(task_ids='sweep')[ti.map_index]['label'] }}"
 
 
-def templated_argv(stage: str) -> list[str]:
-    """The same argv as `argv_for(stage, spec)`, as Jinja templates that an operator renders at run
-    time (the pod of a mapped instance gets its own variant's spec)."""
-    overrides = {k: "{{ params.%s }}" % k for k in PARAMS if k not in VARIANT_PARAMS}
-    return stage_argv(stage, CONFIG, "{{ run_id | run_dir }}", overrides, SPEC_TEMPLATE)
+def templated_argv(stage: str, mapped: bool = True) -> list[str]:
+    """The same argv as `argv_for(stage, spec)` (or `argv_for(stage)`), as Jinja templates that an
+    operator renders at run time (the pod of a mapped instance gets its own variant's spec)."""
+    skip = VARIANT_PARAMS if mapped else ()
+    # Lists render as JSON, as the local runner writes them.
+    overrides = {k: ("{{ params.%s | tojson }}" if isinstance(PARAMS[k].value, list) else "{{ params.%s }}") % k
+                 for k in PARAMS if k not in skip}
+    return stage_argv(stage, CONFIG, "{{ run_id | run_dir }}", overrides, SPEC_TEMPLATE if mapped else None)
 
 
 def run_locally(stage: str, spec: dict | None = None) -> dict:
@@ -76,6 +79,7 @@ TIMEOUTS = {
     "sweep": dt.timedelta(minutes=5),
     "finetune": dt.timedelta(hours=12),
     "generate": dt.timedelta(hours=2),
+    "export": dt.timedelta(hours=2),
     "report": dt.timedelta(minutes=10),
     "promote": dt.timedelta(minutes=5),
 }
@@ -118,6 +122,16 @@ def snapshot_changed(snap: dict) -> dict:
 @task(execution_timeout=TIMEOUTS["sweep"])
 def sweep() -> list[dict]:
     return run_locally("sweep")["variants"]
+
+
+@task(execution_timeout=TIMEOUTS["export"], trigger_rule="all_done_min_one_success")
+def export() -> dict:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    result = run_locally("export")
+    if not result["exported"]:
+        raise AirflowSkipException(f"nothing exported: {result['reason']}")
+    return result
 
 
 @task(execution_timeout=TIMEOUTS["promote"])
@@ -167,10 +181,23 @@ def gemma_lora_finetune():
             answered = local_stage("generate", mapped=True)(spec)
         tuned >> answered
 
-    # The report runs once every variant has finished or failed, if at least one got through: it
-    # shows the failed ones with their errors.
-    reported = local_stage("report", trigger_rule="all_done_min_one_success")()
-    variant.expand(spec=planned) >> reported >> promote()
+    # Export and report run once every variant has finished or failed, if at least one got through.
+    # Export writes the champion (the variant that passes the gate) in the serving formats; the
+    # report shows the failed variants with their errors and, when export ran, how to use the model.
+    variants = variant.expand(spec=planned)
+    if RUNNER == "kubernetes":
+        # The merge needs the model in memory (~10 GB for Gemma-2B): a pod like the GPU stages'.
+        from tasks.k8s_pod import gpu_stage_operator
+
+        exported = gpu_stage_operator("export", templated_argv("export", mapped=False), TIMEOUTS["export"],
+                                      trigger_rule="all_done_min_one_success")
+    else:
+        exported = export()
+    # all_done, not all_done_min_one_success: that rule skips a task whose upstream was skipped (an
+    # export with nothing to export). A run where no variant finished fails in report, which says so.
+    reported = local_stage("report", trigger_rule="all_done")()
+    variants >> exported >> reported >> promote()
+    variants >> reported
 
 
 gemma_lora_finetune()

@@ -9,6 +9,7 @@ an artifact through the names and readers here, never through a string of their 
     sweep/       plan.json
     finetune/    adapter.lora.h5, history.json, result.json   (+ finetune.checkpoints/ beside it while training)
     generate/    answers.json
+    export/      keras/, hf/, gguf/ (model-f16.gguf, model-q8_0.gguf, Modelfile), manifest.json
     report/      report.html, metrics.json
     promote/     decision.json                                 (+ champion.json beside the run folders)
     <stage>.error.json                                         a failed stage's reason (storage.error_path)
@@ -24,10 +25,10 @@ from typing import Any
 from tasks import storage
 
 # Stage = module `tasks.<stage>` = task id = `python -m tasks.<stage>`, in pipeline order.
-SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, REPORT, PROMOTE = (
-    "snapshot", "preprocess", "sweep", "finetune", "generate", "report", "promote",
+SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, EXPORT, REPORT, PROMOTE = (
+    "snapshot", "preprocess", "sweep", "finetune", "generate", "export", "report", "promote",
 )
-STAGES = (SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, REPORT, PROMOTE)
+STAGES = (SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, EXPORT, REPORT, PROMOTE)
 
 MANIFEST = "manifest.json"  # snapshot and preprocess
 RECORDS = "records.jsonl"  # snapshot: the validated records, one canonical JSON object a line
@@ -39,6 +40,9 @@ HISTORY = "history.json"  # finetune: per step
 RESULT = "result.json"  # finetune: config, timings, held-out scores
 CHECKPOINTS = "finetune.checkpoints"  # beside the finetune folder while training (retries resume there)
 ANSWERS = "answers.json"  # generate
+EXPORT_KERAS, EXPORT_HF, EXPORT_GGUF = "keras", "hf", "gguf"  # export: one folder per format
+GGUF_FILE = "model-{fmt}.gguf"  # export/gguf: fmt f16 or q8_0
+MODELFILE = "Modelfile"  # export/gguf: for `ollama create`
 REPORT_HTML = "report.html"  # report
 METRICS = "metrics.json"  # report: every metric and the gate's verdict
 DECISION = "decision.json"  # promote
@@ -119,6 +123,11 @@ def read_finetune_result(run_dir: Path) -> dict:
 
 def read_answers(run_dir: Path) -> dict:
     return storage.read_json(path(run_dir, GENERATE, ANSWERS))
+
+
+def read_export_manifest(run_dir: Path) -> dict | None:
+    manifest = path(run_dir, EXPORT, MANIFEST)
+    return storage.read_json(manifest) if manifest.is_file() else None
 
 
 def read_metrics(run_dir: Path) -> dict:

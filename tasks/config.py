@@ -32,8 +32,10 @@ class ConfigError(ValueError):
 
 # Stages whose outputs a key changes (it is part of their input fingerprint), by name; see
 # tasks.artifacts.STAGES. Literal names here keep this module free of imports from the package.
-SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, REPORT = "snapshot", "preprocess", "sweep", "finetune", "generate", "report"
+SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, EXPORT, REPORT = (
+    "snapshot", "preprocess", "sweep", "finetune", "generate", "export", "report")
 MAX_VARIANTS = 16
+EXPORT_FORMATS = ("keras", "hf", "gguf")
 
 
 def known_suites() -> list[str]:
@@ -151,12 +153,21 @@ class Config:
         "Keys a variant may set: <variant keys>",
         stages=(SWEEP,), param=True, schema={"items": {"type": "object"}, "maxItems": MAX_VARIANTS})
 
+    # -- export of the champion -------------------------------------------------------------
+    export_formats: tuple = key(
+        EXPORT_FORMATS,
+        "formats the champion is exported in: keras (a keras-hub preset with LoRA merged), hf (Hugging Face "
+        "safetensors for transformers, vLLM, TGI), gguf (f16 and q8_0 for llama.cpp, Ollama, LM Studio)",
+        stages=(EXPORT,), param=True, schema={"items": {"type": "string", "enum": list(EXPORT_FORMATS)}, "uniqueItems": True})
+
     # -- quality gate: the tuned model passes when all three hold ----------------------------------
-    gate_rouge_l_margin: float = key(0.0, "gate: tuned held-out ROUGE-L >= base - margin", stages=(REPORT,), range=(0.0, 1.0))
+    # Export applies it too: it exports the variant that passes (the one promote promotes).
+    gate_rouge_l_margin: float = key(0.0, "gate: tuned held-out ROUGE-L >= base - margin", stages=(EXPORT, REPORT),
+                                     range=(0.0, 1.0))
     gate_eos_rate_margin: float = key(0.0, "gate: tuned EOS-stop rate >= base rate - margin (suite and held-out answers)",
-                                      stages=(REPORT,), range=(0.0, 1.0))
+                                      stages=(EXPORT, REPORT), range=(0.0, 1.0))
     gate_perplexity_margin: float = key(0.05, "gate: tuned held-out response perplexity <= base x (1 + margin)",
-                                        stages=(REPORT,), range=(0.0, 100.0))
+                                        stages=(EXPORT, REPORT), range=(0.0, 100.0))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,9 +254,29 @@ def coerce_variants(value: Any, source: str) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def coerce_formats(value: Any, source: str) -> tuple[str, ...]:
+    """The `export_formats` key: a list (or its JSON/YAML text, or comma-separated names)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config key 'export_formats' ({source}): not a list: {e}") from e
+    if value is None:
+        value = []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"config key 'export_formats' ({source}): expected a list of names, got {value!r}")
+    unknown = sorted(set(value) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ConfigError(f"config key 'export_formats' ({source}): {unknown} not among {list(EXPORT_FORMATS)}")
+    return tuple(f for f in EXPORT_FORMATS if f in value)
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     if key == "variants":
         return coerce_variants(value, source)
+    if key == "export_formats":
+        return coerce_formats(value, source)
     want = FIELD_TYPES[key]
     if isinstance(value, str) and want is not str:
         # Values from `--set k=v` arrive as text: read them as YAML scalars ("5e-5", "true").

@@ -10,8 +10,11 @@ from pathlib import Path
 
 from tasks import artifacts, metrics, storage
 from tasks.config import Config
+from tasks.variants import variant_config, variant_path
 
 MODELS = ("base", "tuned")
+# A sweep variant's own stages: it finished when both published and neither recorded an error.
+VARIANT_STAGES = (artifacts.FINETUNE, artifacts.GENERATE)
 
 
 def evaluate(cfg: Config, run_dir: Path) -> dict:
@@ -115,3 +118,44 @@ def history(run_dir: Path, limit: int = 20) -> list[dict]:
         )
     rows.sort(key=lambda r: r["finished_at"], reverse=True)
     return rows[:limit]
+
+
+def variant_states(run_dir: Path, plan: list[dict]) -> list[dict]:
+    """Each planned variant: finished (both stages published, no error recorded) or failed, why."""
+    out = []
+    for spec in plan:
+        vdir = variant_path(run_dir, spec["name"])
+        state = {**spec, "dir": str(vdir), "status": "ok", "error": None, "failed_stage": None}
+        for stage in VARIANT_STAGES:
+            err = artifacts.read_error(vdir, stage)
+            if err is not None:
+                state.update(status="failed", failed_stage=stage, error=err["error"])
+                break
+            if storage.completed(vdir, stage) is None:
+                state.update(status="failed", failed_stage=stage,
+                             error=f"stage {stage} did not finish and recorded no error (killed, or never started: see its task log)")
+                break
+        out.append(state)
+    return out
+
+
+def rank_key(ev: dict) -> tuple:
+    """Best variant first: highest held-out ROUGE-L, then lowest response perplexity."""
+    rouge = ev["heldout"]["rouge_l"]["tuned"]
+    ppl = ev["perplexity"]["tuned"]
+    return (rouge if rouge is not None else -1.0, -(ppl if ppl is not None else float("inf")))
+
+
+def evaluate_sweep(cfg: Config, states: list[dict]) -> dict:
+    """Every finished variant (`variant_states`) evaluated and gated; which one is shown and which is
+    promoted."""
+    for s in states:
+        s["ev"] = evaluate(variant_config(cfg, s), Path(s["dir"])) if s["status"] == "ok" else None
+    done = [s for s in states if s["ev"]]
+    if not done:
+        raise storage.StageInputError(
+            "no variant finished: " + "; ".join(f"{s['name'] or 'default'}: {s['error']}" for s in states)
+        )
+    passing = [s for s in done if s["ev"]["gate"]["passed"]]
+    shown = max(passing or done, key=lambda s: rank_key(s["ev"]))
+    return {"states": states, "shown": shown, "promotable": shown["name"] if passing else None}

@@ -276,11 +276,12 @@ def _explain_failure_callback(settings: PodSettings):
 
 
 def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt.timedelta,
-                       map_index_template: str | None = None):
+                       map_index_template: str | None = None, trigger_rule: str = "all_success"):
     """The KubernetesPodOperator that runs `python -m tasks.<task_id> <arguments>` in a GPU pod.
 
-    In the DAG it sits in the mapped `variant` group: one pod per sweep variant, at most
-    max_parallel_pods of them at a time, each taking a slot of `pool`."""
+    In the DAG finetune and generate sit in the mapped `variant` group: one pod per sweep variant, at
+    most max_parallel_pods of them at a time, each taking a slot of `pool`; export runs once, after
+    them (the merge needs the model in memory)."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
@@ -352,6 +353,7 @@ def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt
         max_active_tis_per_dag=s.max_parallel_pods,
         pool=s.pool,
         map_index_template=map_index_template,
+        trigger_rule=trigger_rule,
         retry_delay=dt.timedelta(minutes=5),
         on_finish_action=s.on_finish_action,
         get_logs=True,

@@ -24,6 +24,22 @@ from tasks.variants import variant_path
 log = logging.getLogger("gemma_pipeline")
 
 
+def export_record(run_dir: Path, name: str) -> dict | None:
+    """Where the champion's exported formats are (the export stage ran before the report)."""
+    manifest = artifacts.read_export_manifest(run_dir)
+    if manifest is None or (manifest["variant"] or "") != name:
+        return None
+    folder = storage.stage_dir(run_dir, artifacts.EXPORT)
+    return {
+        "dir": str(folder),
+        "formats": manifest["formats"],
+        "keras": str(folder / artifacts.EXPORT_KERAS) if "keras" in manifest["formats"] else None,
+        "hf": str(folder / artifacts.EXPORT_HF) if "hf" in manifest["formats"] else None,
+        "gguf": [f["path"] for f in manifest["files"] if f["path"].endswith(".gguf")],
+        "parity_passed": {k: v.get("passed") for k, v in manifest["parity"].items()},
+    }
+
+
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     rep = storage.require(run_dir, artifacts.REPORT, STAGE)
 
@@ -53,6 +69,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                     "perplexity": m["perplexity"],
                 },
                 "promoted_at": time.time(),
+                "export": export_record(run_dir, name),
             }
             path = champion_path(run_dir)
             if path.is_file():

@@ -23,19 +23,19 @@ from importlib import metadata
 from pathlib import Path
 
 from tasks import artifacts, storage
-from tasks.artifacts import FINETUNE, GENERATE, PREPROCESS, SNAPSHOT, SWEEP
+from tasks.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT, SWEEP
 from tasks.artifacts import REPORT as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
-from tasks.evaluation import evaluate
+from tasks.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
 from tasks.evaluation import history as evaluation_history
-from tasks.variants import plan_variants, variant_config, variant_path
+from tasks.prompt_template import format_prompt
+from tasks.variants import plan_variants, variant_config
 
 log = logging.getLogger("gemma_pipeline")
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STAGES = (SNAPSHOT, PREPROCESS, FINETUNE, GENERATE)
-VARIANT_STAGES = (FINETUNE, GENERATE)
 CONFIG_KEYS = stage_keys(STAGE)  # the gate's margins
 # Line colours of overlaid curves (one per variant).
 PALETTE = ("#0b6bcb", "#c5221f", "#137333", "#e37400", "#8430ce", "#007b83", "#b80672", "#5f6368")
@@ -111,47 +111,6 @@ def cards(answers: dict, evaluation: dict) -> list[dict]:
             "flags": card_flags, "differ": b["text"] != t["text"],
         })
     return out
-
-
-def variant_states(run_dir: Path, plan: list[dict]) -> list[dict]:
-    """Each planned variant: finished (both stages published, no error recorded) or failed, why."""
-    out = []
-    for spec in plan:
-        vdir = variant_path(run_dir, spec["name"])
-        state = {**spec, "dir": str(vdir), "status": "ok", "error": None, "failed_stage": None}
-        for stage in VARIANT_STAGES:
-            err = artifacts.read_error(vdir, stage)
-            if err is not None:
-                state.update(status="failed", failed_stage=stage, error=err["error"])
-                break
-            if storage.completed(vdir, stage) is None:
-                state.update(status="failed", failed_stage=stage,
-                             error=f"stage {stage} did not finish and recorded no error (killed, or never started: see its task log)")
-                break
-        out.append(state)
-    return out
-
-
-def rank_key(ev: dict) -> tuple:
-    """Best variant first: highest held-out ROUGE-L, then lowest response perplexity."""
-    rouge = ev["heldout"]["rouge_l"]["tuned"]
-    ppl = ev["perplexity"]["tuned"]
-    return (rouge if rouge is not None else -1.0, -(ppl if ppl is not None else float("inf")))
-
-
-def evaluate_sweep(cfg: Config, states: list[dict]) -> dict:
-    """Every finished variant (`variant_states`) evaluated and gated; which one is shown and which is
-    promoted."""
-    for s in states:
-        s["ev"] = evaluate(variant_config(cfg, s), Path(s["dir"])) if s["status"] == "ok" else None
-    done = [s for s in states if s["ev"]]
-    if not done:
-        raise storage.StageInputError(
-            "no variant finished: " + "; ".join(f"{s['name'] or 'default'}: {s['error']}" for s in states)
-        )
-    passing = [s for s in done if s["ev"]["gate"]["passed"]]
-    shown = max(passing or done, key=lambda s: rank_key(s["ev"]))
-    return {"states": states, "shown": shown, "promotable": shown["name"] if passing else None}
 
 
 def variant_summary(s: dict) -> dict:
@@ -240,6 +199,19 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
         "accuracy_chart": line_chart({"token accuracy (running)": [h["accuracy_running"] for h in history]}),
         "versions": versions(),
         "sweep": None,  # the comparison section (sweep_context), when the run has variants
+        **export_context(run_dir),  # in a sweep, run() sets the run folder's
+    }
+
+
+def export_context(run_dir: Path) -> dict:
+    """The "Use this model" section: the champion's export (or why there is none)."""
+    error = artifacts.read_error(run_dir, EXPORT)
+    return {
+        "export": artifacts.read_export_manifest(run_dir),
+        "export_dir": str(storage.stage_dir(run_dir, EXPORT)),
+        "export_error": error["error"] if error else None,
+        # A Python/shell string literal of the tuned prompt format, for the copy-paste commands.
+        "prompt_example": format_prompt("What should I do on a trip to Europe?").encode("unicode_escape").decode(),
     }
 
 
@@ -258,6 +230,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         for s in states
     ]
     upstream = [storage.require(run_dir, s, STAGE)["fingerprint"] for s in (SNAPSHOT, PREPROCESS)]
+    # The export (or its failure) is shown too.
+    upstream.append((storage.completed(run_dir, EXPORT) or {}).get("fingerprint") or artifacts.read_error(run_dir, EXPORT))
 
     def body(out: Path) -> dict:
         result = evaluate_sweep(cfg, states)
@@ -268,7 +242,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         storage.write_json(out / artifacts.METRICS, evaluation)
         context = gather(variant_config(cfg, shown), Path(shown["dir"]), evaluation)
         context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, history=evaluation_history(run_dir),
-                       sweep=sweep_context(cfg, result) if plan[0]["name"] else None)
+                       sweep=sweep_context(cfg, result) if plan[0]["name"] else None, **export_context(run_dir))
         html = render(context)
         (out / artifacts.REPORT_HTML).write_text(html, encoding="utf-8")
         path = artifacts.report_path(run_dir)

@@ -66,6 +66,10 @@ def test_a_failed_variant_does_not_sink_the_others(sweep_run):
     assert states[("report", -1)] == "success"
     gate = artifacts.read_metrics(run_dir)
     assert states[("promote", -1)] == ("success" if gate["promotable"] else "skipped")
+    # Export runs despite the failed variant and exports the one that promote promotes.
+    assert states[("export", -1)] == ("success" if gate["promotable"] else "skipped")
+    if gate["promotable"]:
+        assert artifacts.read_export_manifest(run_dir)["variant"] == gate["promotable"]
     assert dag_run.state == DagRunState.SUCCESS
     error = json.loads((run_dir / "variants" / "v2" / "finetune.error.json").read_text())["error"]
     assert error.startswith("StageInputError") and "variants/v2/preprocess" in error
@@ -99,3 +103,6 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
         assert champion["run_id"] == run_dir.name and champion["variant"] == m["promotable"]
         assert champion["adapter"] == str(artifacts.adapter_path(run_dir / "variants" / m["promotable"]))
         assert champion["lora_rank"] == rows[m["promotable"]]["overrides"]["lora_rank"]
+        assert champion["export"]["dir"] == str(run_dir / artifacts.EXPORT)
+        assert champion["export"]["parity_passed"] == {"keras": True, "hf": True, "gguf-f16": True, "gguf-q8_0": True}
+        assert 'id="use"' in html and "ollama create gemma-lora -f Modelfile" in html

@@ -68,7 +68,7 @@ def task_context(dag, task, run_id: str = RUN_ID, conf: dict | None = None, map_
     """A run-time context as the task runner builds it: params resolved with the trigger's conf; the
     `sweep` task's plan for those params, as the mapped instance `map_index` pulls it."""
     from tasks.config import load_config
-    from tasks.sweep import plan_variants
+    from tasks.variants import plan_variants
 
     params = copy.deepcopy(dag.params)
     for key, value in (conf or {}).items():

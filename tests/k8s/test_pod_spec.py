@@ -129,6 +129,21 @@ def restricted_violations(pod: V1Pod) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("conf", [None, {**TRIGGER_CONF, "export_formats": ["gguf"], "variants": [{"lora_rank": 4}]}],
+                         ids=["defaults", "trigger-conf"])
+def test_export_pod_argv_is_the_local_runners_argv(k8s_dag_module, conf):
+    """export runs once, not per variant: its pod gets every Param (lists as JSON) and no --variant."""
+    dag, module = k8s_dag_module
+    _, pod = render_pod(dag, "export", RUN_ID, conf)
+    ctx = task_context(dag, dag.get_task("export"), RUN_ID, conf)
+    overrides = {k: v for k, v in ctx["params"].items() if k in module.PARAMS}
+    expected = module.stage_argv("export", module.CONFIG, str(module.run_dir_for(RUN_ID)), overrides)
+    assert base_container(pod).args == expected and "--variant" not in expected
+    assert base_container(pod).command == ["python", "-m", "tasks.export"]
+    if conf:
+        assert 'export_formats=["gguf"]' in expected and 'variants=[{"lora_rank": 4}]' in expected
+
+
 @pytest.mark.parametrize("conf", [None, TRIGGER_CONF], ids=["defaults", "trigger-conf"])
 @pytest.mark.parametrize("stage", GPU_STAGES)
 def test_pod_argv_is_the_local_runners_argv(k8s_dag_module, stage, conf):
@@ -259,10 +274,12 @@ def test_dag_parses_in_kubernetes_mode_with_the_same_tasks_and_edges(k8s_dag_mod
     local = parse_in_subprocess({"GEMMA_RUNNER": "local"})
     assert k8s["errors"] == {} and k8s["ml"] == []
     chain = [[a, b] for a, b in zip(STAGES, STAGES[1:])]
-    assert k8s["edges"] == local["edges"] == sorted(chain + [["snapshot", "snapshot_changed"], ["sweep", "generate"]])
+    extra = [["snapshot", "snapshot_changed"], ["sweep", "generate"], ["generate", "report"]]
+    assert k8s["edges"] == local["edges"] == sorted(chain + extra)
     assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*STAGES, "snapshot_changed"])
-    assert {t: k8s["tasks"][t] for t in GPU_STAGES} == {t: "KubernetesPodOperator" for t in GPU_STAGES}
-    assert all(k8s["tasks"][t] == local["tasks"][t] for t in STAGES if t not in GPU_STAGES)
+    pods = (*GPU_STAGES, "export")  # export merges the model where the memory is
+    assert {t: k8s["tasks"][t] for t in pods} == {t: "KubernetesPodOperator" for t in pods}
+    assert all(k8s["tasks"][t] == local["tasks"][t] for t in STAGES if t not in pods)
 
 
 def test_a_bad_pod_setting_is_an_import_error_that_names_it():
