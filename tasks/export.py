@@ -51,6 +51,9 @@ def choose(cfg: Config, run_dir: Path) -> dict | None:
         spec = next((s for s in _plan(cfg, run_dir.parent.parent) if s["name"] == name), None)
         if spec is None:
             raise ExportError(f"{run_dir} is not a variant of its run's sweep plan")
+        (state,) = variant_states(run_dir.parent.parent, [spec])
+        if state["status"] != "ok":
+            raise ExportError(f"variant {name} failed in {state['failed_stage']}: {state['error']}")
         return {**spec, "dir": str(run_dir), "run_dir": str(run_dir.parent.parent)}
     states = variant_states(run_dir, _plan(cfg, run_dir))
     if not any(s["status"] == "ok" for s in states):

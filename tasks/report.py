@@ -206,9 +206,13 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
 def export_context(run_dir: Path) -> dict:
     """The "Use this model" section: the champion's export (or why there is none)."""
     error = artifacts.read_error(run_dir, EXPORT)
+    manifest = artifacts.read_export_manifest(run_dir)
     return {
-        "export": artifacts.read_export_manifest(run_dir),
-        "export_dir": str(storage.stage_dir(run_dir, EXPORT)),
+        "export": manifest,
+        # Each file by its name inside the export folder.
+        "export_files": [{"name": f["path"].split(f"/{EXPORT}/", 1)[-1], "bytes": f["bytes"]}
+                         for f in (manifest or {}).get("files", [])],
+        "export_dir": str(storage.stage_dir(Path(run_dir).resolve(), EXPORT)),
         "export_error": error["error"] if error else None,
         # A Python/shell string literal of the tuned prompt format, for the copy-paste commands.
         "prompt_example": format_prompt("What should I do on a trip to Europe?").encode("unicode_escape").decode(),
