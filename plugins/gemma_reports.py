@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
-from tasks.airflow_settings import DAG_ID, run_dir_for
+from tasks.airflow_settings import DAG_ID, run_dir_for, runs_dir
 from tasks.artifacts import report_path
 
 PREFIX = "/gemma-reports"
@@ -34,8 +37,8 @@ def create_app() -> FastAPI:
     def report(dag_id: str, run_id: str):
         if dag_id != DAG_ID:
             raise HTTPException(status_code=404, detail=f"no reports for DAG {dag_id!r}")
-        path = report_path(run_dir_for(run_id))
-        if not path.is_file():
+        path = report_file(run_id)
+        if path is None or not path.is_file():
             # Shown inside the run's tab while the run is still going or failed before `report`.
             return HTMLResponse(
                 "<!DOCTYPE html><meta charset='utf-8'><title>No report yet</title>"
@@ -46,6 +49,22 @@ def create_app() -> FastAPI:
         return FileResponse(path, media_type="text/html; charset=utf-8")
 
     return app
+
+
+def report_file(run_id: str) -> Path | None:
+    """The run's report, or None when the id would lead anywhere but a run folder inside the run
+    root's runs/ (never trust a path built from a request, even after sanitizing)."""
+    runs = runs_dir().resolve()
+    # Folders made before run ids were hashed when sanitized: the plain sanitized id.
+    legacy = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    for folder in (run_dir_for(run_id), runs / legacy):
+        resolved = folder.resolve()
+        if resolved.parent != runs or resolved.name in ("", ".", ".."):
+            continue
+        path = report_path(resolved)
+        if path.is_file():
+            return path
+    return None
 
 
 def report_href(dag_id: str, run_id: str) -> str:

@@ -7,11 +7,14 @@ see the same values, so keep them in airflow.cfg or in the environment of all th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 
 DAG_ID = "gemma_lora_finetune"
+# Longest folder name kept as the run id itself (filesystems allow 255 bytes).
+_MAX_NAME = 200
 
 
 def setting(key: str, default: str) -> str:
@@ -25,7 +28,22 @@ def run_root() -> Path:
     return Path(setting("run_root", str(default))).expanduser()
 
 
+def run_folder_name(run_id: str) -> str:
+    """The run's folder name: the run id when it is already a plain, portable name; otherwise the
+    id with every other character replaced, plus `+` and a hash of the original id. So a folder name
+    is never `.` or `..`, never hidden, never holds a separator, stays under the 255-byte name limit,
+    and two run ids never share a folder (a plain name has no `+`, and the hash tells changed ones
+    apart)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    if safe == run_id and run_id and not run_id.startswith(".") and len(run_id) <= _MAX_NAME:
+        return run_id
+    digest = hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe.lstrip('.')[:_MAX_NAME - 17]}+{digest}"
+
+
+def runs_dir() -> Path:
+    return run_root() / "runs"
+
+
 def run_dir_for(run_id: str) -> Path:
-    # Run ids hold ':' and '+' (manual__2026-11-28T04:29:00+00:00); keep folder names portable,
-    # which also keeps a run id from naming anything outside the run root.
-    return run_root() / "runs" / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    return runs_dir() / run_folder_name(run_id)

@@ -18,7 +18,9 @@ MAPPED = {"finetune", "generate"}
 
 
 def run_dir_of(dag_run) -> Path:
-    return Path(os.environ["GEMMA_RUN_ROOT"]) / "runs" / re.sub(r"[^A-Za-z0-9_.-]", "_", dag_run.run_id)
+    from tasks.airflow_settings import run_dir_for
+
+    return run_dir_for(dag_run.run_id)
 
 
 def expected_promote_state(run_dir: Path) -> str:

@@ -4,7 +4,6 @@ third that fails without sinking the others."""
 import datetime as dt
 import json
 import os
-import re
 from pathlib import Path
 
 from tasks import artifacts
@@ -15,7 +14,9 @@ LOGICAL_DATE = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
 def run_dir_for(run_id: str) -> Path:
-    return Path(os.environ["GEMMA_RUN_ROOT"]) / "runs" / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    from tasks.airflow_settings import run_dir_for as folder
+
+    return folder(run_id)
 
 
 @pytest.fixture(scope="module")

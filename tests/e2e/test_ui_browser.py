@@ -185,6 +185,18 @@ def test_report_needs_airflow_login(airflow_server, finished_run):
     assert status == 200 and "Quality gate" in body
 
 
+def test_a_run_id_cannot_reach_outside_the_run_folders(airflow_server, finished_run):
+    """`..`, `.` and their encodings name the run root or runs/ itself, never a run: the app refuses
+    them even when a report.html waits there (it once served <run root>/report/report.html)."""
+    root = airflow_server["home"] / "gemma_runs"
+    for folder in (root / "report", root / "runs" / "report"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.html").write_text("<p>PLANTED outside any run folder</p>")
+    for run_id in ("..", ".", "%2E%2E", "%2e", "..%2F..%2Freport", "%2E%2E%2F"):
+        status, body = call(f"{airflow_server['base']}/gemma-reports/runs/{DAG_ID}/{run_id}", token=airflow_server["token"])
+        assert status == 404 and "PLANTED" not in str(body), (run_id, status, body)
+
+
 def test_report_tab_in_the_airflow_ui(airflow_server, finished_run, tmp_path):
     shot = Path(os.environ.get("GEMMA_UI_SCREENSHOT", tmp_path / "report-tab.png"))
     seen = open_report_tab(airflow_server["base"], airflow_server["token"], finished_run, shot)

@@ -1,0 +1,58 @@
+"""Run ids name run folders: never `.`/`..`, never a separator, never two ids in one folder, never
+past the 255-byte name limit; and the report app serves nothing outside <run root>/runs/<folder>."""
+
+import importlib.util
+import os
+
+import pytest
+
+from tasks import artifacts
+from tasks.airflow_settings import run_dir_for, run_folder_name, runs_dir
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", "...", "%2E%2E", "../report", "a/b", "a\\b", ".hidden", "", "x" * 400,
+                                    "é" * 200, "manual__2026-11-28T04:29:00+00:00"])
+def test_a_folder_name_is_one_plain_portable_component(run_id):
+    name = run_folder_name(run_id)
+    assert name not in ("", ".", "..") and not name.startswith(".")
+    assert "/" not in name and "\\" not in name and len(name.encode()) <= 255
+    assert run_dir_for(run_id).parent == runs_dir()
+
+
+def test_plain_ids_keep_their_name_and_changed_ones_never_collide():
+    assert run_folder_name("scheduled__2026-11-28T00_00_00") == "scheduled__2026-11-28T00_00_00"
+    # Both sanitize to manual__2026-11-28T04_29_00_00_00: the hash of the original keeps them apart.
+    pair = ["manual__2026-11-28T04:29:00+00:00", "manual__2026-11-28T04_29_00_00_00"]
+    assert len({run_folder_name(r) for r in pair}) == 2
+    long = ["y" * 300 + "a", "y" * 300 + "b"]
+    assert len({run_folder_name(r) for r in long}) == 2
+
+
+def plugin():
+    spec = importlib.util.spec_from_file_location("gemma_reports_under_test", REPO / "plugins" / "gemma_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_report_app_resolves_only_run_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_RUN_ROOT", str(tmp_path))
+    app = plugin()
+    planted = [tmp_path / "report", tmp_path / "runs" / "report"]
+    for folder in planted:
+        folder.mkdir(parents=True)
+        (folder / artifacts.REPORT_HTML).write_text("planted")
+    for run_id in ("..", ".", "../..", "report/..", "%2E%2E"):
+        assert app.report_file(run_id) is None, run_id
+    good = run_dir_for("manual__2026-11-28T04:29:00+00:00")
+    artifacts.report_path(good).parent.mkdir(parents=True)
+    artifacts.report_path(good).write_text("the run's report")
+    assert app.report_file("manual__2026-11-28T04:29:00+00:00") == artifacts.report_path(good).resolve()
+    # A folder made before ids were hashed (the plain sanitized id) is still found.
+    legacy = tmp_path / "runs" / "manual__2026-11-27T04_29_00_00_00"
+    artifacts.report_path(legacy).parent.mkdir(parents=True)
+    artifacts.report_path(legacy).write_text("an older run's report")
+    assert app.report_file("manual__2026-11-27T04:29:00+00:00") == artifacts.report_path(legacy).resolve()
+    assert os.path.commonpath([app.report_file("manual__2026-11-27T04:29:00+00:00"), tmp_path / "runs"]) == str(tmp_path / "runs")
