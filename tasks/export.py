@@ -28,7 +28,7 @@ from tasks.config import Config, fingerprint, stage_keys
 from tasks.evaluation import evaluate, evaluate_sweep, variant_states
 from tasks.prompt_suite import load_suite
 from tasks.prompt_template import PROMPT_TEMPLATE, format_prompt
-from tasks.variants import VARIANTS_DIR, plan_variants, variant_config
+from tasks.variants import VARIANTS_DIR, run_plan, variant_config
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -48,14 +48,14 @@ def choose(cfg: Config, run_dir: Path) -> dict | None:
     run_dir = Path(run_dir)
     if run_dir.parent.name == VARIANTS_DIR:
         name = run_dir.name
-        spec = next((s for s in _plan(cfg, run_dir.parent.parent) if s["name"] == name), None)
+        spec = next((s for s in run_plan(cfg, run_dir.parent.parent) if s["name"] == name), None)
         if spec is None:
             raise ExportError(f"{run_dir} is not a variant of its run's sweep plan")
         (state,) = variant_states(run_dir.parent.parent, [spec])
         if state["status"] != "ok":
             raise ExportError(f"variant {name} failed in {state['failed_stage']}: {state['error']}")
         return {**spec, "dir": str(run_dir), "run_dir": str(run_dir.parent.parent)}
-    states = variant_states(run_dir, _plan(cfg, run_dir))
+    states = variant_states(run_dir, run_plan(cfg, run_dir))
     if not any(s["status"] == "ok" for s in states):
         raise ExportError("no variant finished: " + "; ".join(f"{s['name'] or 'default'}: {s['error']}" for s in states))
     name = evaluate_sweep(cfg, states)["promotable"]
@@ -63,10 +63,6 @@ def choose(cfg: Config, run_dir: Path) -> dict | None:
         return None
     spec = next(s for s in states if s["name"] == name)
     return {**{k: spec[k] for k in ("index", "name", "label", "overrides", "dir")}, "run_dir": str(run_dir)}
-
-
-def _plan(cfg: Config, run_dir: Path) -> list[dict]:
-    return artifacts.read_plan(run_dir) if storage.completed(run_dir, artifacts.SWEEP) else plan_variants(cfg)
 
 
 def parity_texts(cfg: Config) -> list[str]:

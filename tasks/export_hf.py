@@ -15,19 +15,11 @@ import math
 from pathlib import Path
 
 from tasks.export_gguf import architecture
+from tasks.prompt_template import stop_token_ids
 
 SHARD_BYTES = 2 * 2**30
 WEIGHTS = "model.safetensors"
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """<eos>, and Gemma's chat-turn end where the vocabulary has it (an instruct prompt stops there)."""
-    ids = [int(tokenizer.end_token_id)]
-    eot = tokenizer.token_to_id("<end_of_turn>") if "<end_of_turn>" in tokenizer.get_vocabulary() else None
-    if eot is not None:
-        ids.append(int(eot))
-    return ids
 
 
 def _token_map(tokenizer) -> dict:
@@ -42,7 +34,7 @@ def write(lm, out: Path) -> list[str]:
     architecture(lm.backbone)  # refuses Gemma 2 and what else would be written wrong
     tok = lm.preprocessor.tokenizer
     lm.export_to_transformers(str(out))
-    ids = {"bos_token_id": int(tok.start_token_id), "eos_token_id": stop_ids(tok), "pad_token_id": int(tok.pad_token_id)}
+    ids = {"bos_token_id": int(tok.start_token_id), "eos_token_id": stop_token_ids(tok), "pad_token_id": int(tok.pad_token_id)}
     dtype = lm.backbone.dtype_policy.variable_dtype  # what the stored weights are
 
     config_path = out / "config.json"

@@ -23,7 +23,7 @@ from tasks.artifacts import GENERATE as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
 from tasks.prompt_suite import load_suite
-from tasks.prompt_template import format_prompt
+from tasks.prompt_template import format_prompt, stop_token_ids
 from tasks.variants import base_answers_dir
 
 log = logging.getLogger("gemma_pipeline")
@@ -49,18 +49,6 @@ def make_sampler(cfg: Config):
     if cfg.sampler == "greedy":
         return keras_hub.samplers.GreedySampler()
     return keras_hub.samplers.TopKSampler(k=cfg.top_k, seed=cfg.sampler_seed)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.end_token_id]
-    # Gemma's chat turn end: a base model tuned on plain text never emits it, an instruct one does.
-    try:
-        eot = tokenizer.token_to_id("<end_of_turn>")
-        if eot not in (None, tokenizer.unk_token_id if hasattr(tokenizer, "unk_token_id") else None):
-            ids.append(int(eot))
-    except Exception:  # noqa: BLE001 - a vocabulary without the piece simply has no such stop token
-        pass
-    return sorted(set(ids))
 
 
 def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | None = None) -> list[dict]:

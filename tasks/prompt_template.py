@@ -29,3 +29,16 @@ def format_prompt(instruction: str) -> str:
 def leaks(text: str) -> bool:
     """Whether an answer holds a new turn of the template (the model did not stop)."""
     return bool(_LEAK.search(text))
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Where an answer ends: <eos>, and Gemma's chat-turn end where the vocabulary has it."""
+    ids = [int(tokenizer.end_token_id)]
+    # Gemma's chat turn end: a base model tuned on plain text never emits it, an instruct one does.
+    try:
+        eot = tokenizer.token_to_id("<end_of_turn>")
+        if eot not in (None, tokenizer.unk_token_id if hasattr(tokenizer, "unk_token_id") else None):
+            ids.append(int(eot))
+    except Exception:  # noqa: BLE001 - a vocabulary without the piece simply has no such stop token
+        pass
+    return sorted(set(ids))

@@ -23,14 +23,14 @@ from importlib import metadata
 from pathlib import Path
 
 from tasks import artifacts, storage
-from tasks.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT, SWEEP
+from tasks.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT
 from tasks.artifacts import REPORT as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
 from tasks.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
 from tasks.evaluation import history as evaluation_history
 from tasks.prompt_template import format_prompt
-from tasks.variants import plan_variants, variant_config
+from tasks.variants import run_plan, variant_config
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -224,8 +224,7 @@ def render(context: dict) -> str:
 
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
-    # Without a published plan (stages run by hand), the plan is the config's.
-    plan = artifacts.read_plan(run_dir) if storage.completed(run_dir, SWEEP) else plan_variants(cfg)
+    plan = run_plan(cfg, run_dir)
     states = variant_states(run_dir, plan)
     # The report depends on what each variant produced, or on why it failed.
     produced = [

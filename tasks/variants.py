@@ -16,7 +16,8 @@ import os
 import re
 from pathlib import Path
 
-from tasks.artifacts import PREPROCESS, SNAPSHOT
+from tasks import artifacts, storage
+from tasks.artifacts import PREPROCESS, SNAPSHOT, SWEEP
 from tasks.config import Config, ConfigError, coerce_variants
 
 VARIANTS_DIR = "variants"
@@ -39,6 +40,11 @@ def plan_variants(cfg: Config) -> list[dict]:
         {"index": i, "name": f"v{i}", "label": label(ov), "overrides": dict(ov)}
         for i, ov in enumerate(cfg.variants)
     ]
+
+
+def run_plan(cfg: Config, run_dir: Path) -> list[dict]:
+    """The run's published sweep plan; without one (stages run by hand), the config's."""
+    return artifacts.read_plan(run_dir) if storage.completed(run_dir, SWEEP) else plan_variants(cfg)
 
 
 def parse_spec(text: str) -> dict:

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import artifacts, export, export_gguf, export_hf, export_keras, finetune, generate, parity, preprocess, snapshot
+from tasks import artifacts, export, export_gguf, export_keras, finetune, generate, parity, preprocess, prompt_template, snapshot
 from tasks.config import load_config
 from tasks.prompt_template import PROMPT_TEMPLATE
 from tasks.storage import StageInputError
@@ -209,4 +209,4 @@ def test_real_gemma3_270m_exports_answer_as_the_tuned_model(tmp_path):
     assert layers == 2 * 18  # query and value of every layer
     assert all(c["checked"] and c["passed"] for c in checks.values()), checks
     assert checks["hf"]["greedy_same_tokens"] == [16, 16]
-    assert export_hf.stop_ids(merged.preprocessor.tokenizer) == [1, 106]
+    assert prompt_template.stop_token_ids(merged.preprocessor.tokenizer) == [1, 106]
