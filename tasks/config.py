@@ -115,6 +115,13 @@ class Config:
     # Every width is one more XLA compilation; graph mode (CPU) is not limited.
     bucket_shapes: int = key(4, "fast mode under XLA (GPU): at most this many batch widths, chosen from the data to pad least",
                              stages=(FINETUNE,), range=(1, 1024), variant=True)
+    # Which engine wins on a CPU depends on the CPU: one graph measured 2.2x XLA's per-width
+    # compilations on a Xeon with AMX, XLA 2x the graph's tokens/s on a 2-core AMD EPYC.
+    cpu_engine: str = key(
+        "graph",
+        "fast mode on a CPU: 'graph' (one TensorFlow graph traced once for every width) or 'xla' (XLA, at most "
+        "bucket_shapes widths, each one compilation); measure with bench.train_modes",
+        stages=(FINETUNE,), choices=("graph", "xla"), variant=True)
     mixed_precision: str = key(
         "auto",
         "'auto': mixed bfloat16 in fast mode on a device that computes it natively (GPU of compute capability >= 8.0, "

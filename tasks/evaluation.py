@@ -44,6 +44,9 @@ def evaluate(cfg: Config, run_dir: Path) -> dict:
         flags = [a["stopped_at_eos"] for a in answers["models"][model] + held[model]]
         return round(sum(flags) / max(len(flags), 1), 4)
 
+    per_example = {m: finetune[f"heldout_{m}"].get("per_example") for m in MODELS}
+    ppl_ci = metrics.bootstrap_perplexity_ci(per_example["base"], per_example["tuned"]) \
+        if per_example["base"] and per_example["tuned"] else None
     result = {
         "suite": suite,
         "per_prompt": per_prompt,
@@ -53,6 +56,12 @@ def evaluate(cfg: Config, run_dir: Path) -> dict:
             "base": finetune["heldout_base"].get("response_perplexity"),
             "tuned": finetune["heldout_tuned"].get("response_perplexity"),
             "examples": finetune["heldout_base"].get("examples"),
+            "delta_ci": ppl_ci,
+        },
+        # Each headline change in words, from its 95% paired-bootstrap interval over held-out examples.
+        "significance": {
+            "rouge_l": metrics.significance(heldout["rouge_l_delta_ci"], higher_is_better=True),
+            "perplexity": metrics.significance(ppl_ci, higher_is_better=False),
         },
         "heldout_loss": {"base": finetune["heldout_base"].get("loss"), "tuned": finetune["heldout_tuned"].get("loss")},
     }

@@ -16,6 +16,7 @@ Writes `export/` (formats: config key `export_formats`):
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import time
@@ -81,8 +82,12 @@ def merge(cfg: Config, adapter: Path, texts: list[str]):
         export_gguf.architecture(tuned.backbone)
     log.info("export: reference answers of the tuned model (keras-hub, adapter loaded) on %d prompts", len(texts))
     ref = parity.reference(tuned, texts)
+    # The tuned model is loaded once: its merged kernels go into a fresh base, loaded after it is dropped.
+    kernels = export_keras.merged_kernels(tuned, adapter)
     del tuned
-    lm, layers = export_keras.merged_model(cfg.model_preset, cfg.models_dir, cfg.lora_rank, adapter)
+    gc.collect()
+    lm = export_keras.base_with_kernels(cfg.model_preset, cfg.models_dir, kernels)
+    layers = len(kernels)
     log.info("export: merged the adapter into %d kernels (%s)", layers, lm.backbone.dtype_policy.name)
     return ref, lm, layers
 

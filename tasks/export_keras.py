@@ -31,24 +31,22 @@ def tuned_model(preset: str, models_dir: str, lora_rank: int, adapter: Path):
     return lm
 
 
-def merged_model(preset: str, models_dir: str, lora_rank: int, adapter: Path):
-    """A fresh base model whose kernels are the tuned model's merged kernels; (model, merged layer count).
-
-    The tuned model is built, its merged kernels read, and it is dropped before the base is loaded
-    again, so two models never sit in memory together."""
-    import gc
-
+def merged_kernels(tuned, adapter: Path) -> dict:
+    """Each LoRA layer's merged kernel (`_kernel + (alpha / rank) * A @ B`) by its path, as numpy."""
     import keras
     import numpy as np
 
-    from tasks.models import load_causal_lm
-
-    tuned = tuned_model(preset, models_dir, lora_rank, adapter)
     merged = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in lora_layers(tuned.backbone)}
     if not merged:
-        raise RuntimeError(f"the adapter {adapter} enabled no LoRA layer in {preset}")
-    del tuned
-    gc.collect()
+        raise RuntimeError(f"the adapter {adapter} enabled no LoRA layer")
+    return merged
+
+
+def base_with_kernels(preset: str, models_dir: str, merged: dict):
+    """A fresh base model (no LoRA) whose kernels are `merged` (from `merged_kernels`). Drop the
+    tuned model before calling it, so two models never sit in memory together."""
+    from tasks.models import load_causal_lm
+
     lm = load_causal_lm(preset, models_dir)
     layers = {_key(layer): layer for layer in lm.backbone._flatten_layers() if hasattr(layer, "_kernel")}
     if len(merged) != len(set(merged) & set(layers)):
@@ -58,7 +56,7 @@ def merged_model(preset: str, models_dir: str, lora_rank: int, adapter: Path):
         if tuple(layer._kernel.shape) != kernel.shape:
             raise RuntimeError(f"merged kernel of {path} has shape {kernel.shape}, the base's is {tuple(layer._kernel.shape)}")
         layer._kernel.assign(kernel.astype(layer._kernel.dtype))
-    return lm, len(merged)
+    return lm
 
 
 def write_preset(lm, out: Path) -> None:

@@ -26,7 +26,7 @@ from tasks.batching import encode, input_lengths, plan_orders
 from tasks.checkpoints import Checkpoints
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
-from tasks.heldout_eval import score_heldout
+from tasks.heldout_eval import score_heldout, sums_fn, summary
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -47,6 +47,7 @@ class Session:
     plan: list
     checkpoints: Checkpoints
     resume: dict | None
+    scorer: Any
 
 
 @dataclasses.dataclass
@@ -79,12 +80,19 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
     load_s = time.time() - t
     enc = encode(lm.preprocessor.tokenizer, train, cfg.sequence_length, cfg.loss_tokens)
     plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
-    return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume)
+    # LoRA on before anything is traced: the base and the tuned model are scored by one function.
+    training.enable_lora(lm, cfg.lora_rank)
+    scorer = sums_fn(lm, engine["jit_compile"])
+    return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume, scorer)
+
+
+def score(s: Session) -> dict:
+    return score_heldout(s.lm, s.heldout, s.cfg.sequence_length, sums=s.scorer, xla=s.engine["jit_compile"])
 
 
 def score_base(s: Session) -> dict:
-    scores = s.resume["base_scores"] if s.resume else score_heldout(s.lm, s.heldout, s.cfg.sequence_length)
-    log.info("finetune: base model on %d held-out examples: %s", len(s.heldout), scores)
+    scores = s.resume["base_scores"] if s.resume else score(s)
+    log.info("finetune: base model on %d held-out examples: %s", len(s.heldout), summary(scores))
     return scores
 
 
@@ -124,8 +132,8 @@ def train(s: Session, base_scores: dict) -> Trained:
 
 
 def score_tuned(s: Session) -> dict:
-    scores = score_heldout(s.lm, s.heldout, s.cfg.sequence_length)
-    log.info("finetune: tuned model on %d held-out examples: %s", len(s.heldout), scores)
+    scores = score(s)
+    log.info("finetune: tuned model on %d held-out examples: %s", len(s.heldout), summary(scores))
     return scores
 
 

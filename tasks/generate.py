@@ -3,9 +3,12 @@
 Stage 4: answer the fixed prompt suite, and the first `heldout_generate_examples` held-out
 instructions (never trained on), with the base model and with the tuned model (the same base
 weights plus the LoRA adapter from `finetune`). Prompts use the training template's prompt half
-(`Instruction:\n{prompt}\n\nResponse:\n`), in batches of `generate_batch_size`, with the configured
-sampler and seed. For every answer it records the text, its token count, whether the model stopped
-at an end token or ran into `max_length`, and the time its batch took. Writes `answers.json`.
+(`Instruction:\n{prompt}\n\nResponse:\n`), with the configured sampler and seed. Suite and held-out
+prompts are answered together, longest first, in the fewest batches of at most
+`generate_batch_size` (all of one size, so the generate function compiles once), by one loaded
+model: base first, then the same model with the adapter loaded. For every answer it records the
+text, its token count, whether the model stopped at an end token or ran into `max_length`, and the
+time its batch took. Writes `answers.json`.
 
 In a sweep every variant has the same base model, prompts and generation settings, so the base
 model's answers are the same for all of them: the first variant to finish them leaves them in
@@ -51,8 +54,22 @@ def make_sampler(cfg: Config):
     return keras_hub.samplers.TopKSampler(k=cfg.top_k, seed=cfg.sampler_seed)
 
 
+def batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts in batches of one size (the fewest batches of at most `batch_size`,
+    as equal as possible), longest prompts first: a batch starts generating at its shortest
+    prompt, so prompts of similar length share a batch, and one batch shape is one compilation."""
+    if not lengths:
+        return []
+    count = -(-len(lengths) // batch_size)
+    size = -(-len(lengths) // count)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | None = None) -> list[dict]:
-    """Answers in suite order; stops and token counts read from the token ids, not the text."""
+    """Answers in the prompts' order; stops and token counts read from the token ids, not the text.
+
+    keras-hub's generate loop already ends a batch as soon as every row has produced a stop token."""
     import keras
     import numpy as np
 
@@ -60,47 +77,56 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
     tok = pre.tokenizer
     stops = stops if stops is not None else stop_token_ids(tok)
     generate_fn = lm.make_generate_function()
-    results = []
+    texts = [format_prompt(p["prompt"]) for p in prompts]
+    x_all = pre.generate_preprocess(texts, sequence_length=cfg.max_length)
+    prompt_len = keras.ops.convert_to_numpy(x_all["padding_mask"]).sum(axis=1)
+    plan = batches([int(n) for n in prompt_len], cfg.generate_batch_size)
+    size = len(plan[0]) if plan else 0
+    results: list[dict | None] = [None] * len(prompts)
     done = 0
-    for start in range(0, len(prompts), cfg.generate_batch_size):
-        batch = prompts[start : start + cfg.generate_batch_size]
-        texts = [format_prompt(p["prompt"]) for p in batch]
-        # Pad a short last batch with copies: a new batch shape would retrace the generate function.
-        texts += texts[-1:] * (cfg.generate_batch_size - len(texts))
-        x = pre.generate_preprocess(texts, sequence_length=cfg.max_length)
-        prompt_len = keras.ops.convert_to_numpy(x["padding_mask"]).sum(axis=1)
+    for b, idx in enumerate(plan):
+        # Pad a short batch with copies: a new batch shape would compile the generate function again.
+        rows = idx + idx[-1:] * (size - len(idx))
+        x = {k: keras.ops.convert_to_numpy(v)[rows] for k, v in x_all.items()}
         t = time.time()
         y = generate_fn(x, stop_token_ids=tuple(stops) if stops else None)
         seconds = time.time() - t
         ids = keras.ops.convert_to_numpy(y["token_ids"])
         mask = keras.ops.convert_to_numpy(y["padding_mask"])
-        for i, p in enumerate(batch):
-            gen = ids[i, int(prompt_len[i]) : int(mask[i].sum())].tolist()
+        new_tokens = 0
+        for j, i in enumerate(idx):
+            p = prompts[i]
+            gen = ids[j, int(prompt_len[i]) : int(mask[j].sum())].tolist()
             stopped = bool(gen) and gen[-1] in stops
             if stopped:
                 gen = gen[:-1]
+            new_tokens += len(gen)
             text = tok.detokenize(np.asarray(gen, dtype="int32")) if gen else ""
             text = text.numpy().decode("utf-8", errors="replace") if hasattr(text, "numpy") else str(text)
-            results.append(
-                {
-                    "id": p["id"],
-                    "category": p["category"],
-                    "prompt": p["prompt"],
-                    "text": text,
-                    "tokens": len(gen),
-                    "stopped_at_eos": stopped,
-                    "hit_max_length": not stopped and int(prompt_len[i]) + len(gen) >= cfg.max_length,
-                    "batch": start // cfg.generate_batch_size,
-                    "batch_seconds": round(seconds, 3),
-                }
-            )
-        done += len(batch)
-        new_tokens = sum(r["tokens"] for r in results[-len(batch) :])
+            results[i] = {
+                "id": p["id"],
+                "category": p["category"],
+                "prompt": p["prompt"],
+                "text": text,
+                "tokens": len(gen),
+                "stopped_at_eos": stopped,
+                "hit_max_length": not stopped and int(prompt_len[i]) + len(gen) >= cfg.max_length,
+                "batch": b,
+                "batch_seconds": round(seconds, 3),
+            }
+        done += len(idx)
         log.info(
             "generate [%s]: %d/%d prompts, batch of %d in %.1f s (%.1f new tokens/s)",
-            label, done, len(prompts), len(batch), seconds, new_tokens / max(seconds, 1e-9),
+            label, done, len(prompts), len(idx), seconds, new_tokens / max(seconds, 1e-9),
         )
     return results
+
+
+def reset_sampler(sampler, states: list) -> None:
+    """Put the sampler's random state back to where it started (no retrace: the traced generate
+    function reads the state variable)."""
+    for generator, state in zip(getattr(sampler, "_seed_generators", []), states):
+        generator.state.assign(state)
 
 
 def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
@@ -117,8 +143,16 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "reference": r["response"]}
             for r in artifacts.read_heldout(run_dir)
         ][: cfg.heldout_generate_examples]
+        prompts = suite["prompts"] + heldout
         keras.utils.set_random_seed(cfg.sampler_seed)
+        # One model for both: LoRA is enabled before anything is traced, with its B matrices at
+        # zero (Keras's init), so the base answers are the base model's exactly; loading the
+        # adapter then only assigns variables, and the compiled generate function serves both.
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
+        lm.backbone.enable_lora(rank=cfg.lora_rank)
+        sampler = make_sampler(cfg)
+        lm.compile(sampler=sampler)
+        seeds = [g.state.numpy() for g in getattr(sampler, "_seed_generators", [])]
         results, seconds = {}, {}
         shared = base_answers_path(run_dir, cfg, suite["sha256"])
         reused = None
@@ -131,16 +165,12 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             if model in results:
                 continue
             if model == "tuned":
-                lm.backbone.enable_lora(rank=cfg.lora_rank)
                 lm.backbone.load_lora_weights(str(adapter))
-            # A fresh compile per model: the sampler restarts from its seed, and the generate
-            # function traced for the other weights is dropped.
-            lm.compile(sampler=make_sampler(cfg))
+            # Both models answer from the sampler's seed.
+            reset_sampler(sampler, seeds)
             t = time.time()
-            results[model] = {
-                "suite": answer(lm, suite["prompts"], cfg, f"{model} / suite"),
-                "heldout": answer(lm, heldout, cfg, f"{model} / held-out"),
-            }
+            answers = answer(lm, prompts, cfg, model)
+            results[model] = {"suite": answers[: len(suite["prompts"])], "heldout": answers[len(suite["prompts"]) :]}
             seconds[model] = round(time.time() - t, 2)
             if model == "base" and shared is not None:
                 shared.parent.mkdir(exist_ok=True)

@@ -6,6 +6,7 @@ lower-cased runs of letters, digits and apostrophes; ROUGE-L is `rouge-score`'s 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from statistics import fmean
@@ -90,6 +91,52 @@ def bootstrap_delta_ci(base: list[float], tuned: list[float], resamples: int = 2
     lo_i = int((1 - level) / 2 * resamples)
     hi_i = min(resamples - 1, int((1 + level) / 2 * resamples) - 1)
     return {"mean": round(fmean(diffs), 5), "low": round(means[lo_i], 5), "high": round(means[hi_i], 5), "n": n, "level": level}
+
+
+def bootstrap_perplexity_ci(base: list[dict], tuned: list[dict], resamples: int = 2000, seed: int = 0,
+                            level: float = 0.95) -> dict:
+    """Paired bootstrap of the response perplexity change (tuned - base) over held-out examples.
+
+    Each item is one example's `response_loss_sum` and `response_tokens` (tasks.heldout_eval); a
+    resample draws examples with replacement, the same ones for both models, and recomputes each
+    model's perplexity as exp(summed loss / summed tokens), as the point estimate is computed."""
+    if len(base) != len(tuned) or not base:
+        raise ValueError("bootstrap needs two equally long, non-empty lists of per-example scores")
+    if any(b["response_tokens"] != t["response_tokens"] for b, t in zip(base, tuned)):
+        raise ValueError("base and tuned scores are not of the same examples (response token counts differ)")
+
+    def ppl(loss: float, tokens: int) -> float:
+        return math.exp(min(loss / max(tokens, 1), 50.0))
+
+    lb = [b["response_loss_sum"] for b in base]
+    lt = [t["response_loss_sum"] for t in tuned]
+    tok = [b["response_tokens"] for b in base]
+    rng = random.Random(seed)
+    n = len(tok)
+    deltas = []
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        k = sum(tok[i] for i in pick)
+        deltas.append(ppl(sum(lt[i] for i in pick), k) - ppl(sum(lb[i] for i in pick), k))
+    deltas.sort()
+    pb, pt = ppl(sum(lb), sum(tok)), ppl(sum(lt), sum(tok))
+    lo_i = int((1 - level) / 2 * resamples)
+    hi_i = min(resamples - 1, int((1 + level) / 2 * resamples) - 1)
+    return {"base": round(pb, 4), "tuned": round(pt, 4), "mean": round(pt - pb, 4), "low": round(deltas[lo_i], 4),
+            "high": round(deltas[hi_i], 4), "n": n, "level": level}
+
+
+def significance(ci: dict | None, higher_is_better: bool) -> str:
+    """A change in words from its confidence interval: better or worse only when the interval
+    excludes zero."""
+    if not ci:
+        return "not measured"
+    pct = f"{ci['level']:.0%}"
+    if ci["low"] > 0:
+        return f"better, significant at {pct}" if higher_is_better else f"worse, significant at {pct}"
+    if ci["high"] < 0:
+        return f"worse, significant at {pct}" if higher_is_better else f"better, significant at {pct}"
+    return "no significant change"
 
 
 def aggregate(per_answer: list[dict], answers: list[dict]) -> dict:

@@ -15,7 +15,11 @@ from pathlib import Path
 
 GREEDY_TOKENS = 16
 # What "the same model" means for each format (the tests hold the exports to these).
-TOLERANCE = {"keras_logits": 1e-5, "hf_logprobs": 1e-3, "f16_same_tokens": 8, "q8_0_same_tokens": 1}
+# Q8_0 is quantized: where the tuned model's top two tokens are close, its greedy path may part at
+# the first token (seen on a demo champion), so it is held to the tuned model's tokens being among
+# its top TOP_K at every position of the greedy reference, fed the reference (teacher-forced).
+TOP_K = 5
+TOLERANCE = {"keras_logits": 1e-5, "hf_logprobs": 1e-3, "f16_same_tokens": 8, "q8_0_in_top_k": GREEDY_TOKENS}
 
 
 def reference_ids(lm, texts: list[str]) -> list[list[int]]:
@@ -26,12 +30,22 @@ def reference_ids(lm, texts: list[str]) -> list[list[int]]:
     return [[int(tok.start_token_id)] + [int(t) for t in r] for r in rows]
 
 
-def keras_logits(lm, ids: list[int]):
+def keras_logits_fn(lm):
+    """A function of one sequence's ids to its logits (float64 numpy), traced once as a graph for
+    any length: the greedy reference calls it once per generated token, eagerly ~1 s a call."""
     import keras
     import numpy as np
+    import tensorflow as tf
 
-    x = {"token_ids": np.asarray([ids], dtype="int32"), "padding_mask": np.ones((1, len(ids)), dtype=bool)}
-    return np.asarray(keras.ops.convert_to_numpy(lm(x, training=False))[0], dtype="float64")
+    @tf.function(input_signature=[tf.TensorSpec((1, None), tf.int32), tf.TensorSpec((1, None), tf.bool)])
+    def forward(token_ids, padding_mask):
+        return lm({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+
+    def logits(ids: list[int]):
+        out = forward(np.asarray([ids], dtype="int32"), np.ones((1, len(ids)), dtype=bool))
+        return np.asarray(keras.ops.convert_to_numpy(out)[0], dtype="float64")
+
+    return logits
 
 
 def log_softmax(logits):
@@ -52,13 +66,14 @@ def greedy(next_logits, ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:
 def reference(lm, texts: list[str]) -> dict:
     """What every export is compared with: ids, per-position log-probs and greedy continuations."""
     ids = reference_ids(lm, texts)
-    logits = [keras_logits(lm, i) for i in ids]
+    keras_logits = keras_logits_fn(lm)
+    logits = [keras_logits(i) for i in ids]
     return {
         "texts": texts,
         "ids": ids,
         "logits": logits,
         "logprobs": [log_softmax(x) for x in logits],
-        "greedy": [greedy(lambda s: keras_logits(lm, s)[-1], i) for i in ids],
+        "greedy": [greedy(lambda s: keras_logits(s)[-1], i) for i in ids],
     }
 
 
@@ -73,8 +88,8 @@ def check_keras(ref: dict, preset_dir: Path) -> dict:
     import keras_hub
     import numpy as np
 
-    loaded = keras_hub.models.CausalLM.from_preset(str(preset_dir))
-    diff = max(float(np.abs(keras_logits(loaded, i) - x).max()) for i, x in zip(ref["ids"], ref["logits"]))
+    loaded = keras_logits_fn(keras_hub.models.CausalLM.from_preset(str(preset_dir)))
+    diff = max(float(np.abs(loaded(i) - x).max()) for i, x in zip(ref["ids"], ref["logits"]))
     return {"checked": True, "runtime": f"keras-hub {keras_hub.__version__}", "max_abs_logit_diff": diff,
             "passed": diff <= TOLERANCE["keras_logits"]}
 
@@ -150,18 +165,32 @@ def check_gguf(ref: dict, path: Path, fmt: str) -> dict:
         llm.eval(seq)
         return np.asarray(llm.scores[len(seq) - 1])
 
+    def in_top_k(prompt: list[int], reference: list[int]) -> int:
+        """Positions where the reference's token is among llama.cpp's top TOP_K, fed the reference."""
+        llm.reset()
+        llm.eval(prompt + reference[:-1])
+        scores = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) - 1 + len(reference)])
+        top = np.argpartition(-scores, TOP_K, axis=1)[:, :TOP_K]
+        return int(sum(tok in row for tok, row in zip(reference, top)))
+
     ids = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in ref["texts"]]
     continuations = [greedy(last_logits, i) for i in ref["ids"]]
     same = [same_prefix(c, g) for c, g in zip(continuations, ref["greedy"])]
-    need = TOLERANCE[f"{fmt}_same_tokens"]
+    top_k = [in_top_k(i, g) for i, g in zip(ref["ids"], ref["greedy"])]
     result = {
         "checked": True, "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
         "same_token_ids": ids == ref["ids"], "greedy_same_tokens": same, "greedy_tokens": GREEDY_TOKENS,
-        "required_same_tokens": need, "continuations": continuations,
+        "reference_in_top_k": top_k, "top_k": TOP_K, "continuations": continuations,
         # What the greedy answers read like (a quantized model may part from the reference later on).
         "answers": [llm.detokenize(c).decode("utf-8", errors="replace") for c in continuations],
     }
-    result["passed"] = bool(result["same_token_ids"] and min(same) >= need)
+    if fmt == "q8_0":
+        result["required_in_top_k"] = TOLERANCE["q8_0_in_top_k"]
+        enough = min(top_k) >= TOLERANCE["q8_0_in_top_k"]
+    else:
+        result["required_same_tokens"] = TOLERANCE[f"{fmt}_same_tokens"]
+        enough = min(same) >= TOLERANCE[f"{fmt}_same_tokens"]
+    result["passed"] = bool(result["same_token_ids"] and enough)
     llm.close()
     return result
 

@@ -66,15 +66,17 @@ def has_gpu() -> bool:
 def engine_for(cfg: Config) -> dict:
     """How training runs on this device: XLA or not, the dtype policy and the most batch widths.
 
-    tutorial: XLA as `jit_compile` says, one width. fast: on a GPU, XLA (each batch width is one
-    compilation, so at most `bucket_shapes` widths); on a CPU a plain TensorFlow graph, which Keras
-    traces once for batches of any width (the dataset's width is None), so every batch takes the
-    next multiple of `bucket_multiple` (max_widths 0 = no limit). Mixed bfloat16: see the config key
+    tutorial: XLA as `jit_compile` says, one width. fast: on a GPU, and on a CPU with `cpu_engine:
+    xla`, XLA (each batch width is one compilation, so at most `bucket_shapes` widths); on a CPU
+    with `cpu_engine: graph` a plain TensorFlow graph, which Keras traces once for batches of any
+    width (the dataset's width is None), so every batch takes the next multiple of
+    `bucket_multiple` (max_widths 0 = no limit). Mixed bfloat16: see the config key
     mixed_precision. A resumed run resumes only a checkpoint made with the same engine.
     """
     if cfg.train_mode == "fast":
-        xla = has_gpu()
-        native_bf16 = bool(gpus_with_bfloat16()) if xla else cpu_has_bfloat16()
+        gpu = has_gpu()
+        xla = gpu or cfg.cpu_engine == "xla"
+        native_bf16 = bool(gpus_with_bfloat16()) if gpu else cpu_has_bfloat16()
         max_widths = cfg.bucket_shapes if xla else 0
     else:
         xla, native_bf16, max_widths = cfg.jit_compile, False, 1
@@ -237,9 +239,16 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
+def enable_lora(lm, rank: int) -> None:
+    """LoRA on, once: its B matrices start at zero (Keras's init), so until training the model
+    computes exactly what the base model does."""
+    if not any(getattr(layer, "lora_enabled", False) for layer in lm.backbone._flatten_layers()):
+        lm.backbone.enable_lora(rank=rank)
+
+
 def prepare(lm, cfg: Config, engine: dict):
     """LoRA on, the optimizer built and the model compiled for the engine: (optimizer, what was compiled)."""
-    lm.backbone.enable_lora(rank=cfg.lora_rank)
+    enable_lora(lm, cfg.lora_rank)
     optimizer = build_optimizer(cfg)
     return optimizer, compile_for_training(lm, cfg, optimizer, engine)
 

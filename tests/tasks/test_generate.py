@@ -66,3 +66,54 @@ def test_needs_finetune_first(tmp_path):
 
     with pytest.raises(StageInputError, match="finetune"):
         generate.run(load_config("tiny_test"), tmp_path)
+
+
+def test_batches_are_equal_sized_longest_first_and_cover_every_prompt():
+    from tasks.generate import batches
+
+    lengths = [5, 30, 12, 30, 7, 19, 3, 25, 11, 14]
+    plan = batches(lengths, 4)
+    # 10 prompts, at most 4 per batch: 3 batches of size 4 (the last one padded with copies).
+    assert [len(b) for b in plan] == [4, 4, 2]
+    assert sorted(i for b in plan for i in b) == list(range(10))
+    flat = [lengths[i] for b in plan for i in b]
+    assert flat == sorted(lengths, reverse=True)
+    assert [len(b) for b in batches(list(range(40)), 32)] == [20, 20]
+    assert [len(b) for b in batches(list(range(106)), 32)] == [27, 27, 27, 25]
+    assert batches([], 8) == []
+
+
+def test_one_model_answers_as_a_fresh_base_and_a_fresh_tuned_model(tiny_run):
+    """The stage answers with one loaded model (LoRA enabled at zero, then the adapter loaded); its
+    answers equal those of a base model without LoRA and of a freshly built tuned model."""
+    import keras
+
+    from tasks.generate import reset_sampler
+    from tasks.models import load_causal_lm
+
+    cfg = load_config("tiny_test")
+    data = artifacts.read_answers(tiny_run)
+    prompts = load_suite("v1")["prompts"][:6]
+    adapter = artifacts.adapter_path(tiny_run)
+
+    def fresh(tuned: bool):
+        lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
+        if tuned:
+            lm.backbone.enable_lora(rank=cfg.lora_rank)
+            lm.backbone.load_lora_weights(str(adapter))
+        lm.compile(sampler=make_sampler(cfg))
+        return [a["text"] for a in answer(lm, prompts, cfg, "fresh")]
+
+    for model in ("base", "tuned"):
+        assert [a["text"] for a in data["models"][model][:6]] == fresh(model == "tuned")
+    # The sampler's random state goes back to its seed between the models.
+    topk = load_config("tiny_test", {"sampler": "top_k", "top_k": "5"})
+    sampler = make_sampler(topk)
+    start = [g.state.numpy() for g in sampler._seed_generators]
+    lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
+    lm.compile(sampler=sampler)
+    first = [a["text"] for a in answer(lm, prompts, topk, "top-k")]
+    again = [a["text"] for a in answer(lm, prompts, topk, "top-k")]
+    reset_sampler(sampler, start)
+    assert [a["text"] for a in answer(lm, prompts, topk, "top-k")] == first != again
+    keras.backend.clear_session()

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from tasks import metrics
@@ -73,3 +75,46 @@ def test_gate_rules_and_margins():
     assert not gate(cfg, _m((0.20, 0.25), (0.5, 0.4), (10.0, 9.0)))["passed"]
     missing = gate(cfg, _m((None, None), (0.1, 0.8), (10.0, 9.0)))
     assert not missing["passed"] and "not measured" in missing["checks"][0]["note"]
+
+
+def per_example(losses, tokens):
+    return [{"response_loss_sum": l * t, "response_tokens": t} for l, t in zip(losses, tokens)]
+
+
+def test_perplexity_ci_is_paired_token_weighted_and_seeded():
+    import math
+
+    rng = random.Random(3)
+    tokens = [rng.randint(5, 40) for _ in range(60)]
+    base = [rng.uniform(2.0, 3.0) for _ in tokens]
+    lower = metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example([b - 0.3 for b in base], tokens))
+    # The point estimates are exp(summed loss / summed tokens), as the finetune stage computes them.
+    mean_loss = sum(b * t for b, t in zip(base, tokens)) / sum(tokens)
+    assert lower["base"] == pytest.approx(math.exp(mean_loss), rel=1e-4)
+    assert lower["tuned"] == pytest.approx(math.exp(mean_loss - 0.3), rel=1e-4)
+    # Every example 0.3 nats better: paired, so the interval is narrow and far below zero.
+    assert lower["low"] <= lower["mean"] <= lower["high"] < 0 and lower["n"] == 60
+    assert metrics.significance(lower, higher_is_better=False) == "better, significant at 95%"
+    # Shuffled losses: same distribution, no paired effect; the interval straddles zero.
+    shuffled = base[:]
+    rng.shuffle(shuffled)
+    noisy = metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example(shuffled, tokens), seed=1)
+    assert noisy["low"] < 0 < noisy["high"]
+    assert metrics.significance(noisy, higher_is_better=False) == "no significant change"
+    assert noisy == metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example(shuffled, tokens), seed=1)
+    with pytest.raises(ValueError, match="same examples"):
+        metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example(base, [t + 1 for t in tokens]))
+    with pytest.raises(ValueError):
+        metrics.bootstrap_perplexity_ci([], [])
+
+
+def test_significance_words_follow_the_interval_and_the_direction():
+    up = {"low": 0.01, "high": 0.05, "level": 0.95}
+    down = {"low": -0.05, "high": -0.01, "level": 0.95}
+    across = {"low": -0.01, "high": 0.02, "level": 0.95}
+    assert metrics.significance(up, higher_is_better=True) == "better, significant at 95%"
+    assert metrics.significance(up, higher_is_better=False) == "worse, significant at 95%"
+    assert metrics.significance(down, higher_is_better=True) == "worse, significant at 95%"
+    assert metrics.significance(down, higher_is_better=False) == "better, significant at 95%"
+    assert metrics.significance(across, higher_is_better=True) == "no significant change"
+    assert metrics.significance(None, higher_is_better=True) == "not measured"

@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tasks import artifacts, report
+from tasks import artifacts, metrics, report
 from tasks.config import load_config
 from tasks.evaluation import evaluate
 from tasks.prompt_suite import load_suite
@@ -113,3 +113,18 @@ def test_report_needs_every_stage(tmp_path):
 
     with pytest.raises(StageInputError):
         report.run(load_config("tiny_test"), tmp_path)
+
+
+def test_verdict_box_gives_both_intervals_and_says_what_they_mean(tiny_run):
+    html = artifacts.report_path(tiny_run).read_text()
+    m = artifacts.read_metrics(tiny_run)
+    box = html[html.index('id="verdict"'):html.index('id="use"')]
+    rci, pci = m["heldout"]["rouge_l_delta_ci"], m["perplexity"]["delta_ci"]
+    # The perplexity interval resamples the same examples finetune scored.
+    assert pci["n"] == m["perplexity"]["examples"] == 8 and pci["low"] <= pci["mean"] <= pci["high"]
+    assert f"[{rci['low']:+.4f}, {rci['high']:+.4f}]" in box and f"[{pci['low']:+.3f}, {pci['high']:+.3f}]" in box
+    words = re.findall(r'<strong class="verdict-words">([^<]*)</strong>', box)
+    assert words == [m["significance"]["rouge_l"], m["significance"]["perplexity"]]
+    allowed = {"better, significant at 95%", "worse, significant at 95%", "no significant change"}
+    assert set(words) <= allowed
+    assert m["significance"]["perplexity"] == metrics.significance(pci, higher_is_better=False)

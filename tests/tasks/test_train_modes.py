@@ -16,9 +16,11 @@ from tests.tasks.test_finetune import LEARNABLE, write_learnable_dataset
 
 
 def test_defaults_stay_the_tutorial_recipe_and_fast_is_one_setting_away():
-    for name in ("cpu_demo", "gemma_2b_lora", "tiny_test"):
+    # The seed's recipe in production; the CPU demo trains fast (its YAML has the measurements).
+    for name in ("gemma_2b_lora", "tiny_test"):
         assert load_config(name).train_mode == "tutorial"
-    cfg = load_config("cpu_demo", {"train_mode": "fast"})
+    assert load_config("cpu_demo").train_mode == "fast"
+    cfg = load_config("tiny_test", {"train_mode": "fast"})
     assert (cfg.train_mode, cfg.bucket_multiple, cfg.bucket_shapes, cfg.mixed_precision) == ("fast", 16, 4, "auto")
     with pytest.raises(ConfigError, match="train_mode"):
         load_config("cpu_demo", {"train_mode": "turbo"})
@@ -37,6 +39,9 @@ def test_engine_follows_the_device_in_fast_mode_and_the_config_in_tutorial_mode(
     monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)
     assert engine(train_mode="fast") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 0}
     assert engine(train_mode="fast", mixed_precision="bfloat16")["dtype_policy"] == "mixed_bfloat16"
+    # cpu_engine xla (what wins on some CPUs): XLA with at most bucket_shapes widths, as on a GPU.
+    assert engine(train_mode="fast", cpu_engine="xla", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3}
+    assert engine(train_mode="tutorial", cpu_engine="xla", jit_compile="false")["jit_compile"] is False
     # A CPU with it (this machine's Xeon): mixed bfloat16 in fast mode only.
     monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: True)
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"

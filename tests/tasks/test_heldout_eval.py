@@ -1,0 +1,59 @@
+"""Held-out scoring: the length-bucketed graph gives what scoring every example at full width does."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tasks.batching import encode
+from tasks.heldout_eval import score_heldout, summary
+from tasks.models import load_causal_lm
+from tasks.prompt_template import format_example, format_prompt
+
+
+def full_width_scores(lm, rows, sequence_length):
+    """The plain definition: every example padded to the sequence length, cross-entropy in numpy."""
+    import keras
+
+    enc = encode(lm.preprocessor.tokenizer, rows, sequence_length)
+    x = {"token_ids": enc["token_ids"], "padding_mask": enc["padding_mask"]}
+    logits = np.asarray(keras.ops.convert_to_numpy(lm(x, training=False)), dtype="float64")
+    m = logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(logits - m).sum(axis=-1)) + m[..., 0]
+    ce = logz - np.take_along_axis(logits, enc["labels"][..., None], axis=-1)[..., 0]
+    return ce, enc
+
+
+@pytest.mark.parametrize("preset,xla", [("tiny:gemma", False), ("tiny:gemma3", False), ("tiny:gemma3", True)])
+def test_bucketed_scores_equal_full_width_scores(preset, xla, tmp_path):
+    """Graph (any width) and XLA (two widths, short batches filled with empty rows) alike."""
+    lm = load_causal_lm(preset, str(tmp_path / "models"), 64)
+    pairs = [("Say " + "hello " * k, "ok " * (k % 5 + 1)) for k in range(11)]
+    rows = [{"prompt": format_prompt(i), "text": format_example(i, r)} for i, r in pairs]
+    scores = score_heldout(lm, rows, 64, batch_size=4, xla=xla)
+    ce, enc = full_width_scores(lm, rows, 64)
+    mask, resp = enc["label_mask"], enc["response_mask"]
+    assert scores["examples"] == 11 and len(scores["per_example"]) == 11
+    # Rows of different lengths: the graph really ran at several widths.
+    assert len(set(enc["padding_mask"].sum(axis=1))) > 3
+    for i, pe in enumerate(scores["per_example"]):
+        assert pe["tokens"] == int(mask[i].sum()) and pe["response_tokens"] == int(resp[i].sum())
+        assert pe["loss_sum"] == pytest.approx(float((ce[i] * mask[i]).sum()), rel=1e-4)
+        assert pe["response_loss_sum"] == pytest.approx(float((ce[i] * resp[i]).sum()), rel=1e-4)
+    assert scores["loss"] == pytest.approx(float((ce * mask).sum() / mask.sum()), rel=1e-4)
+    assert scores["response_perplexity"] == pytest.approx(math.exp((ce * resp).sum() / resp.sum()), rel=1e-4)
+    assert "per_example" not in summary(scores) and summary(scores)["loss"] == scores["loss"]
+
+
+def test_lora_enabled_at_zero_scores_exactly_as_the_base(tmp_path):
+    """finetune enables LoRA before scoring the base model (one traced scorer for both): the B
+    matrices start at zero, so the base scores are the base model's, to the last digit."""
+    from tasks import training
+
+    lm = load_causal_lm("tiny:gemma3", str(tmp_path / "models"), 64)
+    rows = [{"prompt": format_prompt(f"Name {k} fruits."), "text": format_example(f"Name {k} fruits.", "apple " * k)}
+            for k in range(1, 7)]
+    before = score_heldout(lm, rows, 64, batch_size=4)
+    training.enable_lora(lm, 4)
+    training.enable_lora(lm, 4)  # once only
+    assert score_heldout(lm, rows, 64, batch_size=4) == before
