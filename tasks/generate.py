@@ -78,8 +78,8 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
     stops = stops if stops is not None else stop_token_ids(tok)
     generate_fn = lm.make_generate_function()
     texts = [format_prompt(p["prompt"]) for p in prompts]
-    x_all = pre.generate_preprocess(texts, sequence_length=cfg.max_length)
-    prompt_len = keras.ops.convert_to_numpy(x_all["padding_mask"]).sum(axis=1)
+    x_all = {k: keras.ops.convert_to_numpy(v) for k, v in pre.generate_preprocess(texts, sequence_length=cfg.max_length).items()}
+    prompt_len = x_all["padding_mask"].sum(axis=1)
     plan = batches([int(n) for n in prompt_len], cfg.generate_batch_size)
     size = len(plan[0]) if plan else 0
     results: list[dict | None] = [None] * len(prompts)
@@ -87,7 +87,7 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
     for b, idx in enumerate(plan):
         # Pad a short batch with copies: a new batch shape would compile the generate function again.
         rows = idx + idx[-1:] * (size - len(idx))
-        x = {k: keras.ops.convert_to_numpy(v)[rows] for k, v in x_all.items()}
+        x = {k: v[rows] for k, v in x_all.items()}
         t = time.time()
         y = generate_fn(x, stop_token_ids=tuple(stops) if stops else None)
         seconds = time.time() - t

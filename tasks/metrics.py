@@ -87,10 +87,16 @@ def bootstrap_delta_ci(base: list[float], tuned: list[float], resamples: int = 2
     diffs = [t - b for b, t in zip(base, tuned)]
     rng = random.Random(seed)
     n = len(diffs)
-    means = sorted(fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(resamples))
-    lo_i = int((1 - level) / 2 * resamples)
-    hi_i = min(resamples - 1, int((1 + level) / 2 * resamples) - 1)
-    return {"mean": round(fmean(diffs), 5), "low": round(means[lo_i], 5), "high": round(means[hi_i], 5), "n": n, "level": level}
+    low, high = percentile_interval([fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(resamples)], level)
+    return {"mean": round(fmean(diffs), 5), "low": round(low, 5), "high": round(high, 5), "n": n, "level": level}
+
+
+def percentile_interval(stats: list[float], level: float) -> tuple[float, float]:
+    """The central `level` interval of bootstrap statistics (percentile method)."""
+    stats = sorted(stats)
+    lo_i = int((1 - level) / 2 * len(stats))
+    hi_i = min(len(stats) - 1, int((1 + level) / 2 * len(stats)) - 1)
+    return stats[lo_i], stats[hi_i]
 
 
 def bootstrap_perplexity_ci(base: list[dict], tuned: list[dict], resamples: int = 2000, seed: int = 0,
@@ -118,12 +124,10 @@ def bootstrap_perplexity_ci(base: list[dict], tuned: list[dict], resamples: int 
         pick = [rng.randrange(n) for _ in range(n)]
         k = sum(tok[i] for i in pick)
         deltas.append(ppl(sum(lt[i] for i in pick), k) - ppl(sum(lb[i] for i in pick), k))
-    deltas.sort()
+    low, high = percentile_interval(deltas, level)
     pb, pt = ppl(sum(lb), sum(tok)), ppl(sum(lt), sum(tok))
-    lo_i = int((1 - level) / 2 * resamples)
-    hi_i = min(resamples - 1, int((1 + level) / 2 * resamples) - 1)
-    return {"base": round(pb, 4), "tuned": round(pt, 4), "mean": round(pt - pb, 4), "low": round(deltas[lo_i], 4),
-            "high": round(deltas[hi_i], 4), "n": n, "level": level}
+    return {"base": round(pb, 4), "tuned": round(pt, 4), "mean": round(pt - pb, 4), "low": round(low, 4),
+            "high": round(high, 4), "n": n, "level": level}
 
 
 def significance(ci: dict | None, higher_is_better: bool) -> str:
