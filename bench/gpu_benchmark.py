@@ -123,7 +123,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     lm = build_lm(shape, policy)
     build_s = time.time() - t
     params = int(lm.backbone.count_params())
-    optimizer, compiled = training.prepare(lm, cfg, engine)
+    trainer, optimizer, compiled = training.prepare(lm, cfg, engine)
     trainable = int(sum(int(w.numpy().size) for w in lm.backbone.trainable_weights))
     plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
     fed = training.rows_fed(plan, cfg)
@@ -137,7 +137,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
             times.append(time.perf_counter() - self.t)
 
     print(f"[gpu-bench] {mode}: {len(plan)} steps, policy {policy}, XLA {compiled['jit_compile']}", file=sys.stderr, flush=True)
-    train_s = training.fit(lm, enc, plan, cfg, [Timer()])
+    train_s = training.fit(trainer, lm, enc, plan, cfg, [Timer()], engine=engine)
     real = [sum(int(enc["real_tokens"][i]) for i in s.rows) for s in plan]
     padded = [f * s.width for f, s in zip(fed, plan)]
     # Warm-up: under XLA the first step of each width (a compilation); a TF graph traces once.

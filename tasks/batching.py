@@ -34,35 +34,38 @@ class Step(NamedTuple):
 def encode(tokenizer, examples: list[dict], sequence_length: int, loss_tokens: str = "all") -> dict:
     """Pack `<bos> text <eos>` per example, truncated/padded to sequence_length + 1, then shift.
 
-    Each example needs `prompt` and `text` (the prompt followed by the response). Returns numpy
-    arrays: token_ids, padding_mask (inputs), labels, label_mask (real labels), weights (the loss
-    mask for `loss_tokens`),
-    response_mask (labels that belong to the response) and real_tokens (label count per row).
+    Each example needs `text` and either `spans` (the character spans of its assistant turns, from
+    tasks.prompt_template.render) or `prompt` (the text's first part, before a single answer).
+    Returns numpy arrays: token_ids, padding_mask (inputs), labels, label_mask (real labels), weights
+    (the loss mask for `loss_tokens`), response_mask (labels that belong to an assistant turn, and
+    the final <eos>) and real_tokens (label count per row).
     """
     import numpy as np
 
     texts = [e["text"] for e in examples]
     full = _ids(tokenizer, texts)
-    prompts = _ids(tokenizer, [e["prompt"] for e in examples])
+    spans = [[tuple(s) for s in e["spans"]] if "spans" in e else [(len(e["prompt"]), len(e["text"]))] for e in examples]
+    # Every distinct span boundary, tokenized once as a prefix of its text.
+    cuts = sorted({(i, c) for i, sp in enumerate(spans) for span in sp for c in span if 0 < c < len(texts[i])})
+    cut_ids = dict(zip(cuts, _ids(tokenizer, [texts[i][:c] for i, c in cuts]))) if cuts else {}
     bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
     n, width = len(examples), sequence_length + 1
     packed = np.full((n, width), pad, dtype="int32")
     real = np.zeros((n, width), dtype=bool)
-    prompt_len = np.zeros(n, dtype="int32")
-    for i, (ids, p_ids) in enumerate(zip(full, prompts)):
+    in_response = np.zeros((n, width), dtype=bool)  # per packed token: it belongs to an assistant turn
+    for i, ids in enumerate(full):
         row = ([bos] + ids + [eos])[:width]
         packed[i, : len(row)] = row
         real[i, : len(row)] = True
-        # The prompt's tokens are the common prefix: tokenizing prompt+response may merge across
-        # the boundary, and then the merged token counts as response.
-        k = 0
-        while k < min(len(p_ids), len(ids)) and p_ids[k] == ids[k]:
-            k += 1
-        prompt_len[i] = k
+        for start, end in spans[i]:
+            # ids[k] sits at packed position k + 1; a turn ending the text also owns the <eos>.
+            a = _token_index(ids, cut_ids.get((i, start)), start)
+            b = len(ids) + 1 if end >= len(texts[i]) else _token_index(ids, cut_ids.get((i, end)), end, straddling=1)
+            in_response[i, 1 + a : min(1 + b, width)] = True
     labels = packed[:, 1:]
     label_mask = real[:, 1:]
-    # Label t predicts token t+1; tokens 1..k are the prompt (token 0 is <bos>).
-    response_mask = label_mask & (np.arange(sequence_length)[None, :] >= prompt_len[:, None])
+    # Label t predicts token t+1.
+    response_mask = label_mask & in_response[:, 1:]
     weights = response_mask if loss_tokens == "response" else label_mask
     return {
         "token_ids": packed[:, :-1],
@@ -73,6 +76,19 @@ def encode(tokenizer, examples: list[dict], sequence_length: int, loss_tokens: s
         "response_mask": response_mask,
         "real_tokens": label_mask.sum(axis=1),
     }
+
+
+def _token_index(ids: list[int], prefix_ids: list[int] | None, char: int, straddling: int = 0) -> int:
+    """How many of the text's tokens come before character `char`: the common prefix of the text's
+    tokens and its prefix's. The text's tokens may merge across the cut; such a token counts as
+    after the cut, or as before it with `straddling=1` (so an assistant turn keeps its last token
+    in the loss: both ends of a turn claim a token they share)."""
+    if char <= 0 or prefix_ids is None:
+        return 0 if char <= 0 else len(ids)
+    k = 0
+    while k < min(len(prefix_ids), len(ids)) and prefix_ids[k] == ids[k]:
+        k += 1
+    return k + straddling if k < len(prefix_ids) else k
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:

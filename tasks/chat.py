@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tasks import artifacts
-from tasks.prompt_template import format_prompt
+from tasks.prompt_template import instruction_prompt
 
 
 def default_champion() -> Path:
@@ -36,8 +36,8 @@ def load(champion: dict):
     return lm, f"{champion['model_preset']} + adapter {champion['adapter']}"
 
 
-def answer(lm, instruction: str, max_length: int) -> str:
-    prompt = format_prompt(instruction)
+def answer(lm, instruction: str, max_length: int, template: str = "tutorial") -> str:
+    prompt = instruction_prompt(instruction, template)
     out = lm.generate(prompt, max_length=max_length, strip_prompt=True)
     return out.strip()
 
@@ -55,16 +55,17 @@ def main(argv=None) -> int:
     import keras_hub
 
     lm, source = load(champion)
+    template = champion.get("prompt_template", "tutorial")  # champions promoted before the key: tutorial
     lm.compile(sampler=keras_hub.samplers.GreedySampler())
     print(f"champion: run {champion['run_id']}{' variant ' + champion['variant'] if champion.get('variant') else ''} ({source})",
           file=sys.stderr)
     if args.prompt is not None:
-        print(answer(lm, args.prompt, args.max_length))
+        print(answer(lm, args.prompt, args.max_length, template))
         return 0
     print("Type an instruction and press Enter (Ctrl-D to quit).", file=sys.stderr)
     for line in sys.stdin:
         if line.strip():
-            print(answer(lm, line.strip(), args.max_length), flush=True)
+            print(answer(lm, line.strip(), args.max_length, template), flush=True)
     return 0
 
 

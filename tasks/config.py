@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from tasks.prompt_template import TEMPLATES
+from tasks.records import COLUMN_ROLES, FORMATS, REQUIRED_COLUMNS
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROMPT_SUITE_DIR = Path(__file__).parent / "prompt_suites"
 BUNDLED_DOLLY = Path(__file__).parent / "data" / "dolly_sample.jsonl"
@@ -50,6 +53,8 @@ def key(default: Any, help: str, *, stages: tuple[str, ...] = (), no_outputs: st
     set it, and whether it is a DAG `param` (with extra JSON `schema` for the trigger form)."""
     meta = {"help": help, "stages": stages, "no_outputs": no_outputs, "range": range, "choices": choices,
             "variant": variant, "param": param, "schema": schema or {}}
+    if isinstance(default, dict):  # a mutable default: each Config gets its own copy
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -58,11 +63,25 @@ class Config:
     # -- dataset snapshot ------------------------------------------------------------------
     dataset_source: str = key(
         "bundled",
-        "'hub' (Dolly from the Hugging Face hub, pinned revision), 'bundled' (the sample in the image) or a path to a .jsonl/.parquet file",
+        "'hub' (dataset_hub_id from the Hugging Face hub, pinned revision), 'bundled' (the Dolly sample in the image) "
+        "or a path to a .jsonl, .json, .parquet or .csv file",
         stages=(SNAPSHOT,), param=True)
     dataset_hub_id: str = key(DOLLY_HUB_ID, "the dataset's id on the Hugging Face hub (also names its snapshot store and Asset)",
-                              stages=(SNAPSHOT,))
-    dataset_revision: str = key(DOLLY_PINNED_REVISION, "the hub revision (commit) a 'hub' snapshot reads", stages=(SNAPSHOT,))
+                              stages=(SNAPSHOT,), param=True)
+    dataset_revision: str = key(DOLLY_PINNED_REVISION, "the hub revision (commit) a 'hub' snapshot reads", stages=(SNAPSHOT,),
+                                param=True)
+    dataset_split: str = key("train", "the split a 'hub' snapshot reads", stages=(SNAPSHOT,), param=True)
+    dataset_format: str = key(
+        "dolly",
+        "the records' shape: dolly (instruction, context, response, category), alpaca (instruction, input, output), "
+        "messages (OpenAI 'messages' or ShareGPT 'conversations', multi-turn), columns (named by dataset_columns), "
+        "or auto (detected from the first record)",
+        stages=(SNAPSHOT,), choices=("auto",) + FORMATS, param=True)
+    dataset_columns: dict = key(
+        {},
+        "with dataset_format 'columns': which column is which, e.g. "
+        '{"instruction": "question", "response": "answer", "context": "passage"}; roles: ' + ", ".join(COLUMN_ROLES),
+        stages=(SNAPSHOT,), param=True)
     hub_timeout_s: float = key(20.0, "seconds the hub may take to answer before the snapshot fails as unreachable",
                                no_outputs="only how long to wait", range=(1, 600))
     # A broken upstream file should stop the run, not quietly train on what is left: see max_bad_share.
@@ -76,7 +95,13 @@ class Config:
                                 stages=(SNAPSHOT,), range=(1, 1_000_000_000))
 
     # -- preprocessing ---------------------------------------------------------------------
-    drop_context: bool = key(True, "drop the records that have a context (the seed's choice)", stages=(PREPROCESS,))
+    drop_context: bool = key(True, "drop the records that have a context (the seed's choice); false puts the context "
+                             "into the prompt", stages=(PREPROCESS,), param=True)
+    prompt_template: str = key(
+        "tutorial",
+        "the prompt format: tutorial (Instruction: ... Response:, the Keras tutorial's) or gemma_chat (the turn "
+        "format of Gemma's instruction-tuned checkpoints, start_of_turn user ... end_of_turn; answers stop at the turn end)",
+        stages=(PREPROCESS, GENERATE, EXPORT), choices=TEMPLATES, param=True)
     num_examples: int = key(1000, "training examples drawn (seeded) from the usable rows",
                             stages=(PREPROCESS,), range=(1, 1_000_000), param=True)
     heldout_examples: int = key(100, "held-out examples kept for evaluation, disjoint from training",
@@ -201,7 +226,7 @@ def stage_keys(stage: str) -> tuple[str, ...]:
     return tuple(k for k, m in _META.items() if stage in m["stages"])
 
 
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "array"}
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "array", dict: "object"}
 
 
 def trigger_form(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -213,9 +238,9 @@ def trigger_form(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not meta["param"]:
             continue
         kind = _JSON_TYPES[FIELD_TYPES[f.name]]
-        value = defaults.get(f.name, f.default)
+        value = defaults.get(f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
         spec: dict[str, Any] = {
-            "default": list(value or []) if kind == "array" else value,
+            "default": list(value or []) if kind == "array" else dict(value) if kind == "object" else value,
             "type": kind,
             "description": meta["help"].replace("<variant keys>", ", ".join(VARIANT_KEYS)),
         }
@@ -279,11 +304,32 @@ def coerce_formats(value: Any, source: str) -> tuple[str, ...]:
     return tuple(f for f in EXPORT_FORMATS if f in value)
 
 
+def coerce_columns(value: Any, source: str) -> dict[str, str]:
+    """The `dataset_columns` key: a mapping (or its JSON/YAML text) of roles to column names."""
+    where = f"config key 'dataset_columns' ({source})"
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not a JSON/YAML mapping: {e}") from e
+    if value is None:
+        value = {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+        raise ConfigError(f"{where}: expected a mapping of roles to column names, e.g. "
+                          f'{{"instruction": "question", "response": "answer"}}, got {value!r}')
+    unknown = sorted(set(value) - set(COLUMN_ROLES))
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} are not roles; roles are {list(COLUMN_ROLES)}")
+    return dict(sorted(value.items()))
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     if key == "variants":
         return coerce_variants(value, source)
     if key == "export_formats":
         return coerce_formats(value, source)
+    if key == "dataset_columns":
+        return coerce_columns(value, source)
     want = FIELD_TYPES[key]
     if isinstance(value, str) and want is not str:
         # Values from `--set k=v` arrive as text: read them as YAML scalars ("5e-5", "true").
@@ -377,6 +423,14 @@ def _check_consistency(cfg: Config) -> None:
     if not Path(cfg.prompt_suite).is_file() and not suite.is_file():
         known = sorted(x.stem for x in PROMPT_SUITE_DIR.glob("*.yaml"))
         raise ConfigError(f"config key 'prompt_suite': no suite {cfg.prompt_suite!r}; known: {known}")
+    if cfg.dataset_format == "columns":
+        missing = [r for r in REQUIRED_COLUMNS if r not in cfg.dataset_columns]
+        if missing:
+            raise ConfigError(f"config key 'dataset_columns': dataset_format 'columns' needs a column for {missing}, "
+                              f'e.g. {{"instruction": "question", "response": "answer"}}; got {cfg.dataset_columns}')
+    elif cfg.dataset_columns:
+        raise ConfigError(f"config key 'dataset_columns' is set but dataset_format is {cfg.dataset_format!r}; "
+                          "it applies to dataset_format 'columns' only")
     src = cfg.dataset_source
     if src not in ("bundled", "hub") and not Path(src).is_file():
         raise ConfigError(

@@ -23,11 +23,12 @@ def evaluate(cfg: Config, run_dir: Path) -> dict:
 
     per_prompt = []
     for b, t in zip(answers["models"]["base"], answers["models"]["tuned"]):
-        per_prompt.append({"id": b["id"], "base": metrics.answer_metrics(b), "tuned": metrics.answer_metrics(t)})
+        per_prompt.append({"id": b["id"], "base": metrics.answer_metrics(b, cfg.prompt_template),
+                           "tuned": metrics.answer_metrics(t, cfg.prompt_template)})
     suite = {m: metrics.aggregate([p[m] for p in per_prompt], answers["models"][m]) for m in MODELS}
 
     held = answers.get("heldout", {"base": [], "tuned": []})
-    heldout_metrics = {m: [metrics.answer_metrics(a) for a in held[m]] for m in MODELS}
+    heldout_metrics = {m: [metrics.answer_metrics(a, cfg.prompt_template) for a in held[m]] for m in MODELS}
     rouge = {m: metrics.rouge_l_many([a["text"] for a in held[m]], [a["reference"] for a in held[m]]) for m in MODELS}
     heldout = {
         "n": len(held["base"]),

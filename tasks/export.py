@@ -22,13 +22,13 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import artifacts, export_gguf, export_hf, export_keras, parity, storage
+from tasks import artifacts, export_gguf, export_hf, export_keras, parity, storage, tracking
 from tasks.artifacts import EXPORT as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
 from tasks.evaluation import evaluate, evaluate_sweep, variant_states
 from tasks.prompt_suite import load_suite
-from tasks.prompt_template import PROMPT_TEMPLATE, format_prompt
+from tasks.prompt_template import instruction_prompt, text_stops
 from tasks.variants import VARIANTS_DIR, run_plan, variant_config
 
 log = logging.getLogger("gemma_pipeline")
@@ -71,7 +71,7 @@ def parity_texts(cfg: Config) -> list[str]:
     the tuned prompt format."""
     prompts = load_suite(cfg.prompt_suite)["prompts"]
     chosen = [p for p in prompts if p["id"] in PARITY_PROMPTS] or prompts[:2]
-    return [format_prompt(p["prompt"]) for p in chosen]
+    return [instruction_prompt(p["prompt"], cfg.prompt_template) for p in chosen]
 
 
 def merge(cfg: Config, adapter: Path, texts: list[str]):
@@ -111,9 +111,9 @@ def write_formats(cfg: Config, lm, ref: dict, out: Path) -> dict:
             export_gguf.write(lm, path, fmt, name=f"{cfg.model_preset} + LoRA", context_length=cfg.max_length * 4)
             checks[f"gguf-{fmt}"] = {k: v for k, v in parity.check_gguf(ref, path, fmt).items() if k != "continuations"}
             log.info("export: %s written; parity %s", path.name, checks[f"gguf-{fmt}"])
-        stops = ["<end_of_turn>", "\nInstruction:"]
         (gdir / artifacts.MODELFILE).write_text(
-            export_gguf.modelfile(artifacts.GGUF_FILE.format(fmt="q8_0"), PROMPT_TEMPLATE, stops), encoding="utf-8")
+            export_gguf.modelfile(artifacts.GGUF_FILE.format(fmt="q8_0"), instruction_prompt("{instruction}", cfg.prompt_template),
+                                  text_stops(cfg.prompt_template)), encoding="utf-8")
     return checks
 
 
@@ -159,7 +159,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "run_dir": chosen["run_dir"], "variant": chosen["name"] or None, "variant_overrides": chosen["overrides"],
             "adapter": str(adapter), "base_preset": vcfg.model_preset, "lora_rank": vcfg.lora_rank,
             "merged_layers": layers, "merge_dtype": dtype, "formats": list(vcfg.export_formats),
-            "prompt_template": PROMPT_TEMPLATE, "parity_prompts": ref["texts"], "parity": checks,
+            "template": vcfg.prompt_template, "prompt_template": instruction_prompt("{instruction}", vcfg.prompt_template),
+            "parity_prompts": ref["texts"], "parity": checks,
             "gate_passed": gate["passed"],
             "files": file_table(out, final), "seconds": round(time.time() - started, 1),
         }
@@ -171,7 +172,9 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 "parity": {f: c.get("passed") for f, c in checks.items()}}
 
     fp = fingerprint(STAGE, chosen["name"], tune["fingerprint"], cfg.subset(CONFIG_KEYS))
-    return storage.run_stage(where, STAGE, fp, body, force)
+    result = storage.run_stage(where, STAGE, fp, body, force)
+    tracking.log_export(str(where), fp)
+    return result
 
 
 def main(argv=None) -> dict:

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, storage, training
+from tasks import artifacts, storage, tracking, training
 from tasks.artifacts import FINETUNE as STAGE
 from tasks.batching import encode, input_lengths, plan_orders
 from tasks.checkpoints import Checkpoints
@@ -99,7 +99,7 @@ def score_base(s: Session) -> dict:
 def train(s: Session, base_scores: dict) -> Trained:
     cfg, lm, plan = s.cfg, s.lm, s.plan
     base_params = int(lm.backbone.count_params())
-    optimizer, compiled = training.prepare(lm, cfg, s.engine)
+    trainer, optimizer, compiled = training.prepare(lm, cfg, s.engine)
     trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
     total = len(plan)
     orders = plan_orders(plan, len(s.train))
@@ -125,9 +125,10 @@ def train(s: Session, base_scores: dict) -> Trained:
         if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total:
             s.checkpoints.save(step, lm, optimizer, history, base_scores, orders, s.train)
 
+    real = [int(s.enc["real_tokens"][step.rows].sum()) for step in plan]
     progress = training.make_progress_callback(total, fed[start:], cfg.log_every_steps, history, start, checkpoint,
-                                               widths[start:])
-    train_s = training.fit(lm, s.enc, plan, cfg, [progress], start)
+                                               widths[start:], real[start:])
+    train_s = training.fit(trainer, lm, s.enc, plan, cfg, [progress], start, s.engine)
     return Trained(history, start, train_s, base_params, trainable, compiled)
 
 
@@ -210,6 +211,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     result = storage.run_stage(run_dir, STAGE, fp, lambda out: tune(cfg, run_dir, out, fp), force)
     # Published: the adapter is safe, the checkpoints have done their job.
     shutil.rmtree(artifacts.checkpoint_dir(run_dir), ignore_errors=True)
+    tracking.log_finetune(str(run_dir), fp, cfg.to_dict())
     return result
 
 

@@ -2,8 +2,9 @@
 
 Stage 4: answer the fixed prompt suite, and the first `heldout_generate_examples` held-out
 instructions (never trained on), with the base model and with the tuned model (the same base
-weights plus the LoRA adapter from `finetune`). Prompts use the training template's prompt half
-(`Instruction:\n{prompt}\n\nResponse:\n`), with the configured sampler and seed. Suite and held-out
+weights plus the LoRA adapter from `finetune`). Prompts are rendered in the run's `prompt_template`
+(tasks.prompt_template; a held-out prompt is its conversation up to the final answer, as preprocess
+rendered it), with the configured sampler and seed; an answer ends at <eos> (and at <end_of_turn>). Suite and held-out
 prompts are answered together, longest first, in the fewest batches of at most
 `generate_batch_size` (all of one size, so the generate function compiles once), by one loaded
 model: base first, then the same model with the adapter loaded. For every answer it records the
@@ -21,12 +22,12 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import artifacts, storage
+from tasks import artifacts, storage, tracking
 from tasks.artifacts import GENERATE as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
 from tasks.prompt_suite import load_suite
-from tasks.prompt_template import format_prompt, stop_token_ids
+from tasks.prompt_template import instruction_prompt, stop_token_ids
 from tasks.variants import base_answers_dir
 
 log = logging.getLogger("gemma_pipeline")
@@ -68,6 +69,7 @@ def batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | None = None) -> list[dict]:
     """Answers in the prompts' order; stops and token counts read from the token ids, not the text.
+    Each prompt is the model's input `rendered`, or its instruction `prompt` in the run's template.
 
     keras-hub's generate loop already ends a batch as soon as every row has produced a stop token."""
     import keras
@@ -75,11 +77,15 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
 
     pre = lm.preprocessor
     tok = pre.tokenizer
-    stops = stops if stops is not None else stop_token_ids(tok)
+    stops = stops if stops is not None else stop_token_ids(tok, cfg.prompt_template)
     generate_fn = lm.make_generate_function()
-    texts = [format_prompt(p["prompt"]) for p in prompts]
+    texts = [p.get("rendered") or instruction_prompt(p["prompt"], cfg.prompt_template) for p in prompts]
     x_all = {k: keras.ops.convert_to_numpy(v) for k, v in pre.generate_preprocess(texts, sequence_length=cfg.max_length).items()}
     prompt_len = x_all["padding_mask"].sum(axis=1)
+    full = int((prompt_len >= cfg.max_length).sum())
+    if full:
+        log.warning("generate [%s]: %d of %d prompts are max_length (%d) tokens or longer: cut to it, no room to answer; "
+                    "raise max_length (a multi-turn prompt holds the conversation so far)", label, full, len(prompts), cfg.max_length)
     plan = batches([int(n) for n in prompt_len], cfg.generate_batch_size)
     size = len(plan[0]) if plan else 0
     results: list[dict | None] = [None] * len(prompts)
@@ -110,6 +116,8 @@ def answer(lm, prompts: list[dict], cfg: Config, label: str, stops: list[int] | 
                 "text": text,
                 "tokens": len(gen),
                 "stopped_at_eos": stopped,
+                # Which end token: <eos>, or <end_of_turn> (Gemma's chat turn end).
+                "stop_token": tok.id_to_token(int(ids[j, int(mask[j].sum()) - 1])) if stopped else None,
                 "hit_max_length": not stopped and int(prompt_len[i]) + len(gen) >= cfg.max_length,
                 "batch": b,
                 "batch_seconds": round(seconds, 3),
@@ -140,7 +148,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
         adapter = artifacts.adapter_path(run_dir)
         heldout = [
-            {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "reference": r["response"]}
+            {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "rendered": r["prompt"],
+             "history": r.get("history", []), "reference": r["response"]}
             for r in artifacts.read_heldout(run_dir)
         ][: cfg.heldout_generate_examples]
         prompts = suite["prompts"] + heldout
@@ -178,7 +187,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                                             "seconds": seconds["base"]})
         for model in ("base", "tuned"):
             for a, ref in zip(results[model]["heldout"], heldout):
-                a["reference"] = ref["reference"]
+                a["reference"], a["history"] = ref["reference"], ref["history"]
         base, tuned = results["base"]["suite"], results["tuned"]["suite"]
         data = {
             "suite": {k: suite[k] for k in ("name", "description", "sha256", "path")},
@@ -200,7 +209,9 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         }
 
     fp = fingerprint(STAGE, tune["fingerprint"], suite["sha256"], cfg.subset(CONFIG_KEYS))
-    return storage.run_stage(run_dir, STAGE, fp, body, force)
+    result = storage.run_stage(run_dir, STAGE, fp, body, force)
+    tracking.log_generate(str(run_dir), fp)
+    return result
 
 
 def main(argv=None) -> dict:

@@ -50,6 +50,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "retries": ("1", "task retries (a GPU node can be preempted; a rerun skips finished work)"),
     "on_finish_action": ("delete_pod", "delete_pod, delete_succeeded_pod, delete_active_pod or keep_pod (a kept pod that never started still holds its GPU)"),
     "allow_cpu": ("false", "let the stage continue on CPU when the pod sees no GPU"),
+    "mlflow_tracking_uri": ("", "MLflow tracking server the stages log to (the pods get it as GEMMA_MLFLOW_TRACKING_URI); empty: "
+                            "the SQLite store in the run root, which parallel pods cannot share"),
     "run_as_user": ("50000", "uid of the stage (the image's user, like the official Airflow image)"),
     "fs_group": ("0", "group that owns the run-root volume (gid 0, like the official Airflow image)"),
 }
@@ -93,6 +95,7 @@ class PodSettings:
     retries: int
     on_finish_action: str
     allow_cpu: bool
+    mlflow_tracking_uri: str
     run_as_user: int
     fs_group: int
 
@@ -238,6 +241,7 @@ def pod_settings() -> PodSettings:
             if raw[f"{stage}_timeout"][0]
         },
         max_parallel_pods=whole("max_parallel_pods", 1, 1024),
+        mlflow_tracking_uri=text("mlflow_tracking_uri", re.compile(r"^[a-z][a-z0-9+.-]*://\S+$"), optional=True),
         pool=text("pool", re.compile(r"^[A-Za-z0-9_.-]{1,256}$")),
         retries=whole("retries", 0, 10),
         on_finish_action=choice("on_finish_action", ("delete_pod", "delete_succeeded_pod", "delete_active_pod", "keep_pod")),
@@ -297,6 +301,8 @@ def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt
         "GEMMA_MODELS_DIR": f"{s.run_root}/cache/models",
         "KAGGLEHUB_CACHE": f"{s.run_root}/cache/kagglehub",
     }
+    if s.mlflow_tracking_uri:
+        env["GEMMA_MLFLOW_TRACKING_URI"] = s.mlflow_tracking_uri
     secrets = []
     if s.kaggle_secret:
         # secretKeyRef: the values stay in the cluster, never in the DAG, a rendered template or a log.

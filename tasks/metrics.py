@@ -20,8 +20,8 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def template_leak(text: str) -> bool:
-    return prompt_template.leaks(text)
+def template_leak(text: str, template: str = "tutorial") -> bool:
+    return prompt_template.leaks(text, template)
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
@@ -50,14 +50,15 @@ def repeated_ngram_rate(tokens: list[str], n: int = 3) -> float:
 REPETITION_FLAG = 0.2  # an answer with over 20% repeated trigrams is flagged as looping
 
 
-def answer_metrics(answer: dict) -> dict:
-    """Metrics of one generated answer (a dict from generate's answers.json)."""
+def answer_metrics(answer: dict, template: str = "tutorial") -> dict:
+    """Metrics of one generated answer (a dict from generate's answers.json), its template leak
+    judged in the run's prompt template."""
     toks = words(answer["text"])
     rep = repeated_ngram_rate(toks, 3)
     return {
         "stopped_at_eos": answer["stopped_at_eos"],
         "hit_max_length": answer["hit_max_length"],
-        "template_leak": template_leak(answer["text"]),
+        "template_leak": template_leak(answer["text"], template),
         "tokens": answer["tokens"],
         "words": len(toks),
         "distinct_1": round(distinct_n(toks, 1), 4),

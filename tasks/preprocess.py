@@ -1,12 +1,14 @@
 """python -m tasks.preprocess --config cpu_demo --run-dir DIR [--set num_examples=200]
 
 Stage 2: turn the snapshot into training and held-out examples. Drops rows that have a `context`
-(the seed's choice; `drop_context: false` keeps them; empty instructions or responses and exact
-duplicates never get here: the snapshot drops and counts them as bad records), applies the template
-`Instruction:\n{instruction}\n\nResponse:\n{response}`, draws a seeded held-out split (kept with its
-reference responses) and, disjoint from it, a seeded training subset. Token lengths are measured
-with the model's own tokenizer; the manifest records how many examples exceed the sequence length
-(they are truncated in training) and every drop by reason.
+(the seed's choice; `drop_context: false` keeps them and puts the context into the prompt; empty
+instructions or responses and exact duplicates never get here: the snapshot drops and counts them
+as bad records), renders every conversation in the `prompt_template` (tasks.prompt_template: the
+text, and where its assistant turns are, for the loss mask), draws a seeded held-out split (kept
+with its reference answers: a held-out conversation's final answer) and, disjoint from it, a seeded
+training subset. Token lengths are measured with the model's own tokenizer; the manifest records
+how many examples exceed the sequence length (they are truncated in training), every drop by
+reason, the template and one rendered example.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import logging
 import random
 from pathlib import Path
 
-from tasks import artifacts, storage
+from tasks import artifacts, prompt_template, records as records_lib, storage
 from tasks.artifacts import PREPROCESS as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, ConfigError, fingerprint, stage_keys
-from tasks.prompt_template import TEMPLATE, format_example, format_prompt
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -53,6 +54,27 @@ def split(records: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:
     heldout = [records[i] for i in order[: cfg.heldout_examples]]
     train = [records[i] for i in order[cfg.heldout_examples : need]]
     return train, heldout
+
+
+def rendered(records: list[dict], cfg: Config) -> list[dict]:
+    """Each record in the run's template: the training text, the spans of its assistant turns (the
+    loss mask of `loss_tokens: response`), the prompt (the conversation up to its final answer),
+    and, for the report, the final instruction, its reference answer and the turns before it."""
+    out = []
+    for r in records:
+        context = "" if cfg.drop_context else r["context"]
+        text, spans = prompt_template.render(r["messages"], cfg.prompt_template, context)
+        out.append({
+            "id": r["id"],
+            "category": r["category"],
+            "instruction": records_lib.instruction(r),
+            "response": records_lib.response(r),
+            "history": records_lib.history(r),
+            "prompt": text[: spans[-1][0]],
+            "text": text,
+            "spans": spans,
+        })
+    return out
 
 
 def token_lengths(texts: list[str], tokenizer, batch: int = 512) -> list[int]:
@@ -99,32 +121,14 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         train, heldout = split(kept, cfg)
         log.info("preprocess: %d records, %d usable, dropped %s", len(records), len(kept), dropped)
         tokenizer = load_tokenizer(cfg.model_preset, cfg.models_dir)
-        train_texts = [format_example(r["instruction"], r["response"]) for r in train]
-        train_len = token_lengths(train_texts, tokenizer)
-        held_texts = [format_example(r["instruction"], r["response"]) for r in heldout]
-        held_len = token_lengths(held_texts, tokenizer)
-        storage.write_jsonl(
-            out / artifacts.TRAIN,
-            [
-                {"id": r["id"], "category": r["category"], "prompt": format_prompt(r["instruction"]), "text": t, "n_tokens": n}
-                for r, t, n in zip(train, train_texts, train_len)
-            ],
-        )
-        storage.write_jsonl(
-            out / artifacts.HELDOUT,
-            [
-                {
-                    "id": r["id"],
-                    "category": r["category"],
-                    "instruction": r["instruction"],
-                    "response": r["response"],
-                    "prompt": format_prompt(r["instruction"]),
-                    "text": t,
-                    "n_tokens": n,
-                }
-                for r, t, n in zip(heldout, held_texts, held_len)
-            ],
-        )
+        train_rows, held_rows = rendered(train, cfg), rendered(heldout, cfg)
+        train_len = token_lengths([r["text"] for r in train_rows], tokenizer)
+        held_len = token_lengths([r["text"] for r in held_rows], tokenizer)
+        storage.write_jsonl(out / artifacts.TRAIN, [
+            {k: r[k] for k in ("id", "category", "prompt", "text", "spans")} | {"n_tokens": n}
+            for r, n in zip(train_rows, train_len)
+        ])
+        storage.write_jsonl(out / artifacts.HELDOUT, [r | {"n_tokens": n} for r, n in zip(held_rows, held_len)])
         stats = length_stats(train_len, cfg.sequence_length)
         manifest = {
             "snapshot_sha256": snap["result"]["sha256"],
@@ -133,11 +137,15 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "dropped": dropped,
             "train_examples": len(train),
             "heldout_examples": len(heldout),
-            "train_categories": dict(sorted(collections.Counter(r["category"] for r in train).items())),
+            "train_categories": dict(sorted(collections.Counter(r["category"] for r in train if r["category"]).items())),
+            "train_multi_turn": sum(1 for r in train if len(records_lib.turns(r)) > 2),
             "sequence_length": cfg.sequence_length,
             "train_token_lengths": stats,
             "heldout_over_sequence_length": sum(1 for n in held_len if n > cfg.sequence_length),
-            "template": TEMPLATE,
+            "template": cfg.prompt_template,
+            "context_in_prompt": not cfg.drop_context,
+            # What the model is trained on, whole: the report shows it (escaped).
+            "example": train_rows[0]["text"] if train_rows else "",
         }
         storage.write_json(out / artifacts.MANIFEST, manifest)
         log.info(

@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import artifacts, storage
+from tasks import artifacts, storage, tracking
 from tasks.artifacts import PROMOTE as STAGE
 from tasks.artifacts import champion_path
 from tasks.cli import stage_main
@@ -62,6 +62,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 "variant_overrides": overrides,
                 "adapter": tune["result"]["adapter"],
                 "model_preset": cfg.model_preset,
+                "prompt_template": cfg.prompt_template,
                 "lora_rank": overrides.get("lora_rank", cfg.lora_rank),
                 "metrics": {
                     "rouge_l": m["heldout"]["rouge_l"],
@@ -71,6 +72,12 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 "promoted_at": time.time(),
                 "export": export_record(run_dir, name),
             }
+            # The registry's new version (or why it is pending: `python -m tasks.track` registers it later).
+            manifest = artifacts.path(run_dir, artifacts.EXPORT, artifacts.MANIFEST) if champion["export"] else None
+            reg = tracking.register_champion(str(run_dir), str(variant_path(run_dir, name)), rep["fingerprint"],
+                                             str(manifest) if manifest else None)
+            champion["registry"] = {k: reg.get(k) for k in ("status", "registered_model", "version", "previous_version",
+                                                           "tracking_uri")}
             path = champion_path(run_dir)
             if path.is_file():
                 with (path.parent / artifacts.CHAMPION_HISTORY).open("a", encoding="utf-8") as f:

@@ -22,14 +22,14 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from tasks import artifacts, storage
+from tasks import artifacts, storage, tracking
 from tasks.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT
 from tasks.artifacts import REPORT as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
 from tasks.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
 from tasks.evaluation import history as evaluation_history
-from tasks.prompt_template import format_prompt
+from tasks.prompt_template import instruction_prompt
 from tasks.variants import run_plan, variant_config
 
 log = logging.getLogger("gemma_pipeline")
@@ -177,7 +177,8 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
     finetune = artifacts.read_finetune_result(run_dir)
     heldout_rows = []
     for b, t, r in zip(answers["heldout"]["base"], answers["heldout"]["tuned"], evaluation["heldout"]["per_example"]):
-        heldout_rows.append({"id": b["id"], "instruction": b["prompt"], "reference": b["reference"],
+        heldout_rows.append({"id": b["id"], "category": b.get("category", ""), "history": b.get("history", []),
+                             "instruction": b["prompt"], "reference": b["reference"],
                              "base": b["text"], "tuned": t["text"], "rouge_l": r["rouge_l"]})
     card_list = cards(answers, evaluation)
     return {
@@ -199,11 +200,12 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
         "accuracy_chart": line_chart({"token accuracy (running)": [h["accuracy_running"] for h in history]}),
         "versions": versions(),
         "sweep": None,  # the comparison section (sweep_context), when the run has variants
-        **export_context(run_dir),  # in a sweep, run() sets the run folder's
+        "tracking": tracking.status(run_dir),
+        **export_context(run_dir, cfg.prompt_template),  # in a sweep, run() sets the run folder's
     }
 
 
-def export_context(run_dir: Path) -> dict:
+def export_context(run_dir: Path, template: str) -> dict:
     """The "Use this model" section: the champion's export (or why there is none)."""
     error = artifacts.read_error(run_dir, EXPORT)
     manifest = artifacts.read_export_manifest(run_dir)
@@ -215,7 +217,7 @@ def export_context(run_dir: Path) -> dict:
         "export_dir": str(storage.stage_dir(Path(run_dir).resolve(), EXPORT)),
         "export_error": error["error"] if error else None,
         # A Python/shell string literal of the tuned prompt format, for the copy-paste commands.
-        "prompt_example": format_prompt("What should I do on a trip to Europe?").encode("unicode_escape").decode(),
+        "prompt_example": instruction_prompt("What should I do on a trip to Europe?", template).encode("unicode_escape").decode(),
     }
 
 
@@ -245,7 +247,9 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         storage.write_json(out / artifacts.METRICS, evaluation)
         context = gather(variant_config(cfg, shown), Path(shown["dir"]), evaluation)
         context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, history=evaluation_history(run_dir),
-                       sweep=sweep_context(cfg, result) if plan[0]["name"] else None, **export_context(run_dir))
+                       tracking=tracking.status(run_dir),
+                       sweep=sweep_context(cfg, result) if plan[0]["name"] else None,
+                       **export_context(run_dir, cfg.prompt_template))
         html = render(context)
         (out / artifacts.REPORT_HTML).write_text(html, encoding="utf-8")
         path = artifacts.report_path(run_dir)
@@ -264,7 +268,9 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     tmpl = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in TEMPLATES.glob("*"))
     gate_cfg = cfg.subset(CONFIG_KEYS)
     fp = fingerprint(STAGE, upstream, plan, produced, tmpl, gate_cfg)
-    return storage.run_stage(run_dir, STAGE, fp, body, force)
+    result = storage.run_stage(run_dir, STAGE, fp, body, force)
+    tracking.log_report(str(run_dir), fp)
+    return result
 
 
 def main(argv=None) -> dict:

@@ -1,11 +1,14 @@
 """python -m tasks.snapshot --config cpu_demo --run-dir DIR [--set dataset_source=PATH]
 
-Stage 1: take a snapshot of Databricks Dolly 15k, from the Hugging Face hub at a pinned revision
-(through `datasets`), from a local JSONL/Parquet file, or from the sample bundled in tasks/data.
-Runs the preflight checks first. Validates every record (bad_record_policy: skip and count, or fail
-on the first bad one). Writes `snapshot/records.jsonl` (Dolly's four fields plus a stable record id,
-one canonical JSON object a line) and `snapshot/manifest.json` (source, revision, row count, sha256
-of the content, per-category counts, bad records by reason, preflight result, and whether the
+Stage 1: take a snapshot of the dataset (Databricks Dolly 15k by default), from the Hugging Face hub
+at a pinned revision and split (through `datasets`), from a local .jsonl/.json/.parquet/.csv file,
+or from the Dolly sample bundled in tasks/data. Runs the preflight checks first. Reads the records in
+their `dataset_format` (dolly, alpaca, messages, columns, or auto) and normalizes each to the one
+record shape of tasks.records (a conversation, a context and a category), validating every record
+(bad_record_policy: skip and count, or fail on the first bad one). Writes `snapshot/records.jsonl`
+(one canonical JSON object a line, with a stable record id) and `snapshot/manifest.json` (source,
+revision, format, row count, sha256 of the content, per-category counts, multi-turn and context
+counts, bad records by reason, preflight result, and whether the
 content changed since the dataset's latest snapshot in the shared store, with rows added, removed
 and changed). Offline, the hub path fails within seconds and says how to use a file instead.
 """
@@ -27,24 +30,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
-from tasks import artifacts, preflight, storage
+from tasks import artifacts, preflight, records as records_lib, storage
 from tasks.artifacts import SNAPSHOT as STAGE
 from tasks.cli import stage_main
 from tasks.config import BUNDLED_DOLLY, Config, fingerprint, stage_keys
+from tasks.records import DOLLY_CATEGORIES as CATEGORIES, BadRecord, FormatError
 
 log = logging.getLogger("gemma_pipeline")
 
-FIELDS = ("instruction", "context", "response", "category")
-CATEGORIES = (
-    "open_qa",
-    "general_qa",
-    "classification",
-    "closed_qa",
-    "brainstorming",
-    "information_extraction",
-    "summarization",
-    "creative_writing",
-)
 # Config keys that change what the snapshot reads or keeps, so a change redoes it.
 CONFIG_KEYS = stage_keys(STAGE)
 MAX_BAD_EXAMPLES = 10  # bad records listed in the manifest (where and why, never their text)
@@ -54,48 +47,6 @@ REF_MARK = re.compile(r"\[(?:\d+|[a-z])\]")
 
 class SnapshotError(RuntimeError):
     """The dataset could not be read; the message names the source, record and field."""
-
-
-class BadRecord(Exception):
-    """One record fails validation: `reason` is a fixed word (counted), `detail` says what is wrong
-    without quoting the record's text (it goes into logs and the manifest)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def record_id(rec: dict) -> str:
-    """Stable across snapshots: the same text gives the same id, whatever the row order."""
-    key = "\x1f".join(rec[f] for f in ("instruction", "context", "response"))
-    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:12]
-
-
-def check_record(raw: object) -> dict:
-    """Dolly's four fields plus the id, or BadRecord. Extra fields are ignored."""
-    if not isinstance(raw, dict):
-        raise BadRecord("wrong_type", f"expected a JSON object, got {type(raw).__name__}")
-    rec = {}
-    for field in FIELDS:
-        value = raw.get(field, "" if field == "context" else None)
-        if value is None:
-            raise BadRecord("missing_field", f"missing field '{field}'")
-        if not isinstance(value, str):
-            raise BadRecord("wrong_type", f"field '{field}' must be a string, got {type(value).__name__}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # Valid JSON ("\ud800" escapes) but not text: it would fail later, when written out.
-            raise BadRecord("invalid_utf8", f"field '{field}' holds a lone surrogate, not valid UTF-8") from None
-        rec[field] = value
-    if not rec["instruction"].strip():
-        raise BadRecord("empty_instruction", "field 'instruction' is empty")
-    if not rec["response"].strip():
-        raise BadRecord("empty_response", "field 'response' is empty")
-    if rec["category"] not in CATEGORIES:
-        raise BadRecord("unknown_category", f"field 'category' is {rec['category'][:40]!r}, not one of {list(CATEGORIES)}")
-    rec["id"] = record_id(rec)
-    return rec
 
 
 def jsonl_rows(path: Path, max_bytes: int) -> Iterator[tuple[str, object]]:
@@ -130,41 +81,63 @@ def object_rows(rows: Iterable[object], max_bytes: int) -> Iterator[tuple[str, o
         yield f"row {i}", raw
 
 
-def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config) -> tuple[list[dict], dict]:
-    """Validate every record under `bad_record_policy`; the good records and a validation summary.
+def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config,
+            columns: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Normalize and validate every record under `bad_record_policy`; the good records (the shape of
+    tasks.records) and a validation summary, which names the format (and says when `auto` chose it).
 
-    Duplicates (same instruction, context and response, i.e. the same id) are bad records here, and so
-    are empty instructions and responses: the snapshot is the one place that counts them (preprocess
-    no longer checks them), so each bad record is counted once, under one reason.
+    `columns` are the source's columns where it has a schema (Parquet, CSV, the hub); for JSON the
+    first record's fields stand in. A `dataset_columns` mapping is checked against them before any
+    record is read. Duplicates (the same id) are bad records here, and so are empty instructions,
+    responses and turns: the snapshot is the one place that counts them, each under one reason.
     """
     records: list[dict] = []
     first_seen: dict[str, str] = {}
     bad: collections.Counter = collections.Counter()
+    styles: collections.Counter = collections.Counter()
     examples: list[dict] = []
     rows_read = 0
+    fmt, norm = cfg.dataset_format, None
     for where, raw in rows:
         rows_read += 1
+        if norm is None and isinstance(raw, dict):
+            try:
+                fmt = records_lib.detect(raw) if cfg.dataset_format == "auto" else cfg.dataset_format
+                if fmt == "columns":
+                    records_lib.check_columns(cfg.dataset_columns, columns if columns is not None else list(raw), source)
+            except records_lib.FormatError as e:
+                raise SnapshotError(f"{source} {where}: {e}" if cfg.dataset_format == "auto" else str(e)) from None
+            if cfg.dataset_format == "auto":
+                log.info("snapshot: dataset_format auto: %s %s looks like %r", source, where, fmt)
+            norm = records_lib.normalizer(fmt, cfg.dataset_columns)
         try:
             if isinstance(raw, BadRecord):
                 raise raw
-            rec = check_record(raw)
+            if not isinstance(raw, dict):
+                raise BadRecord("wrong_type", f"expected a JSON object, got {type(raw).__name__}")
+            rec = norm(raw)
             if rec["id"] in first_seen:
                 raise BadRecord("duplicate", f"same instruction, context and response as {first_seen[rec['id']]}")
         except BadRecord as e:
             if cfg.bad_record_policy == "fail":
                 raise SnapshotError(
-                    f"{source} {where}: {e.detail} [{e.reason}] (bad_record_policy=fail stops at the first bad "
-                    "record; 'skip' drops and counts them)"
+                    f"{source} {where}: {e.detail} [{e.reason}] (dataset_format {fmt}; bad_record_policy=fail stops at "
+                    "the first bad record; 'skip' drops and counts them)"
                 ) from None
             bad[e.reason] += 1
             if len(examples) < MAX_BAD_EXAMPLES:
                 examples.append({"where": where, "reason": e.reason, "detail": e.detail})
             continue
+        if fmt == "messages":
+            styles[records_lib.chat_style(raw)] += 1
         first_seen[rec["id"]] = where
         records.append(rec)
     n_bad = sum(bad.values())
     share = n_bad / rows_read if rows_read else 0.0
     summary = {
+        "format": fmt,
+        "format_detected": cfg.dataset_format == "auto",
+        "chat_styles": dict(sorted(styles.items())),
         "policy": cfg.bad_record_policy,
         "max_bad_share": cfg.max_bad_share,
         "max_record_bytes": cfg.max_record_bytes,
@@ -179,26 +152,55 @@ def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config) -> tup
         first = "; ".join(f"{x['where']}: {x['detail']} [{x['reason']}]" for x in examples[:3])
         raise SnapshotError(
             f"{source}: {n_bad} of {rows_read} records are bad ({share:.1%}), more than max_bad_share "
-            f"({cfg.max_bad_share:.1%}). By reason: {counts}. First: {first}. Fix the source, or raise "
-            "max_bad_share if skipping them is right"
+            f"({cfg.max_bad_share:.1%}), read as dataset_format {fmt}. By reason: {counts}. First: {first}. Fix the source "
+            "(or dataset_format), or raise max_bad_share if skipping them is right"
         )
     if n_bad:
         log.warning("snapshot: skipped %d bad records of %d (%.2f%%): %s", n_bad, rows_read, 100 * share, summary["bad_by_reason"])
     return records, summary
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
 def read_local(path: Path, cfg: Config) -> tuple[list[dict], dict]:
+    """A local file by its suffix: JSON lines (.jsonl, and .json unless it holds one JSON array, as
+    `datasets`' to_json writes lines), Parquet or CSV (every cell text; a chat list as JSON text)."""
     if not path.is_file():
         raise SnapshotError(f"dataset file not found: {path}")
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         import pyarrow.parquet as pq  # comes with `datasets`
 
         try:
-            rows = pq.read_table(path).to_pylist()
+            table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a broken file
             raise SnapshotError(f"{path}: not a readable Parquet file ({e})") from e
+        return collect(object_rows(table.to_pylist(), cfg.max_record_bytes), str(path), cfg, table.column_names)
+    if suffix == ".csv":
+        import csv
+
+        try:
+            with path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                columns = list(reader.fieldnames or [])
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise SnapshotError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
+        return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg, columns)
+    if suffix == ".json" and _starts_with(path, b"["):
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SnapshotError(f"{path}: a JSON array that does not parse ({e}); JSON lines are read too") from e
         return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg)
     return collect(jsonl_rows(path, cfg.max_record_bytes), str(path), cfg)
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(prefix)
 
 
 def hub_endpoint() -> str:
@@ -207,7 +209,7 @@ def hub_endpoint() -> str:
 
 def check_hub_reachable(timeout_s: float) -> None:
     """Fail in seconds, not minutes: `datasets` retries an unreachable hub for a long time."""
-    hint = "set dataset_source to a local .jsonl/.parquet file (e.g. --set dataset_source=PATH) or 'bundled'"
+    hint = "set dataset_source to a local .jsonl/.json/.parquet/.csv file (e.g. --set dataset_source=PATH) or 'bundled'"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get(
         "HF_DATASETS_OFFLINE", ""
     ).lower() in ("1", "true", "yes"):
@@ -231,15 +233,16 @@ def read_hub(cfg: Config) -> tuple[list[dict], dict, str]:
     info = huggingface_hub.HfApi().dataset_info(cfg.dataset_hub_id, revision=cfg.dataset_revision)
     commit = info.sha or cfg.dataset_revision
     log.info("snapshot: downloading %s at commit %s", cfg.dataset_hub_id, commit)
-    ds = datasets.load_dataset(cfg.dataset_hub_id, revision=commit, split="train")
-    records, validation = collect(object_rows(ds, cfg.max_record_bytes), f"{cfg.dataset_hub_id}@{commit}", cfg)
+    ds = datasets.load_dataset(cfg.dataset_hub_id, revision=commit, split=cfg.dataset_split)
+    records, validation = collect(object_rows(ds, cfg.max_record_bytes), f"{cfg.dataset_hub_id}@{commit}:{cfg.dataset_split}",
+                                  cfg, list(ds.column_names))
     return records, validation, commit
 
 
 def content_sha256(records: list[dict]) -> str:
     h = hashlib.sha256()
     for rec in records:
-        h.update(json.dumps({f: rec[f] for f in FIELDS}, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(json.dumps(records_lib.content(rec), sort_keys=True, ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
 
@@ -282,11 +285,11 @@ def store_lock(store: Path):
 
 
 def change_key(rec: dict) -> str:
-    """What makes a removed and an added record "the same record, changed": the same instruction,
+    """What makes a removed and an added record "the same record, changed": the same (first) instruction,
     ignoring whitespace and Wikipedia reference marks such as [16] or [a] (Dolly's May 2023 revision
     removed those marks, from 5 instructions too). The category is not part of the key: that
     revision also moved 128 records to open_qa when it dropped their context."""
-    return " ".join(REF_MARK.sub("", rec["instruction"]).split())
+    return " ".join(REF_MARK.sub("", records_lib.turns(rec)[0]["content"]).split())
 
 
 def diff(previous: list[dict], current: list[dict]) -> dict:
@@ -402,7 +405,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         if not records:
             raise SnapshotError(f"dataset source {source} holds no usable records ({validation['bad_by_reason']})")
         storage.write_jsonl(out / artifacts.RECORDS, records)
-        cats = collections.Counter(r["category"] for r in records)
+        cats = collections.Counter(r["category"] for r in records if r["category"])
         manifest = {
             "dataset": cfg.dataset_hub_id,
             "source_kind": kind,
@@ -410,8 +413,13 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "revision": revision,
             "row_count": len(records),
             "sha256": content_sha256(records),
+            "dataset_format": validation["format"],
+            "format_detected": validation["format_detected"],
+            "chat_styles": validation["chat_styles"],
             "category_counts": dict(sorted(cats.items())),
             "rows_with_context": sum(1 for r in records if r["context"].strip()),
+            "rows_multi_turn": sum(1 for r in records if len(records_lib.turns(r)) > 2),
+            "rows_with_system": sum(1 for r in records if records_lib.system(r)),
             "validation": validation,
             "preflight": checked,
         }
@@ -421,7 +429,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         log.info(
             "snapshot: %d records, sha256 %s, categories %s", len(records), manifest["sha256"][:16], manifest["category_counts"]
         )
-        result = {k: manifest[k] for k in ("source", "revision", "row_count", "sha256", "changed", "snapshot_id")}
+        result = {k: manifest[k] for k in ("dataset", "source", "revision", "row_count", "sha256", "changed", "snapshot_id")}
         return dict(result, rows_bad=validation["rows_bad"], **{k: v for k, v in manifest["changes"].items() if k != "examples"})
 
     fp = fingerprint(STAGE, kind, ident, cfg.subset(CONFIG_KEYS))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks import storage
 from tasks.config import BUNDLED_DOLLY
-from tasks.prompt_template import format_example
+from tasks.prompt_template import example
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -65,7 +65,7 @@ def vocab_texts() -> list[str]:
     with BUNDLED_DOLLY.open(encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
-            texts.append(format_example(rec["instruction"], rec["response"]))
+            texts.append(example(rec["instruction"], rec["response"], "tutorial"))
     return texts
 
 

@@ -7,8 +7,11 @@ what is learned: `tutorial` pads every example to the sequence length; `fast` pa
 length-bucketed batch only to its longest example, divides the loss by the same batch_size x
 sequence_length as the tutorial (so each step's loss is the tutorial's loss on those examples) and
 picks the engine for the device (`engine_for`): XLA with a few batch widths on a GPU, one TensorFlow
-graph for every width on a CPU, mixed bfloat16 where the device computes it natively. Both modes
-train on every example once per epoch with the same seeded epoch order.
+graph for every width on a CPU, mixed bfloat16 where the device computes it natively. `fast` also
+computes the output layer only where the loss looks (`LossPositions`): Gemma's output layer (hidden
+size x 256k vocabulary) is most of a step's work, and with `loss_tokens: response` most positions
+have weight 0. The loss and its gradient are the same sums either way. Both modes train on every
+example once per epoch with the same seeded epoch order.
 """
 
 from __future__ import annotations
@@ -156,9 +159,39 @@ def padded_batch_loss(batch_size: int, sequence_length: int):
     return PaddedBatchLoss()
 
 
-def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None):
+def gather_sizes(enc: dict, plan: list[Step], cfg: Config) -> dict[int, int]:
+    """Fast mode under XLA: how many loss positions each batch width's steps are padded to (the most
+    any of its steps has, rounded up to bucket_multiple), so a width stays one compiled shape."""
+    sizes: dict[int, int] = {}
+    for step in plan:
+        _, _, w = step_arrays(enc, step, cfg.batch_size)
+        sizes[step.width] = max(sizes.get(step.width, 1), int((w > 0).sum()))
+    m = cfg.bucket_multiple
+    return {width: min(-(-n // m) * m, cfg.batch_size * width) for width, n in sizes.items()}
+
+
+def gathered(x: dict, y, w, size: int | None = None):
+    """A step's arrays with the labels and weights of its loss positions only, flattened (row-major
+    over batch x width), and the positions themselves as input `positions`; padded to `size` with
+    position 0 at weight 0."""
+    import numpy as np
+
+    flat = np.flatnonzero(w.reshape(-1) > 0).astype("int32")
+    if size is not None and len(flat) > size:
+        raise ValueError(f"a step has {len(flat)} loss positions, more than its width's {size} (gather_sizes)")
+    n = max(size or len(flat), 1)
+    positions = np.zeros(n, dtype="int32")
+    positions[: len(flat)] = flat
+    weights = np.zeros(n, dtype="float32")
+    weights[: len(flat)] = w.reshape(-1)[flat]
+    return {**x, "positions": positions}, y.reshape(-1)[positions], weights
+
+
+def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None, gather: dict | bool | None = None):
     """The steps as a tf.data pipeline. `steps` are Steps (or plain index lists: full width).
-    With `fixed_batch_size` (fast mode) widths vary per step and short batches are filled up."""
+    With `fixed_batch_size` (fast mode) widths vary per step and short batches are filled up. With
+    `gather` (fast mode, for LossPositions) the labels and weights are the loss positions' only:
+    True for as many as each step has, or a {width: size} mapping (gather_sizes) under XLA."""
     import tensorflow as tf
 
     full = enc["token_ids"].shape[1]
@@ -166,19 +199,44 @@ def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None):
 
     def gen():
         for step in steps:
-            yield step_arrays(enc, step, fixed_batch_size)
+            x, y, w = step_arrays(enc, step, fixed_batch_size)
+            if gather:
+                yield gathered(x, y, w, gather.get(step.width) if isinstance(gather, dict) else None)
+            else:
+                yield x, y, w
 
     length = None if fixed_batch_size is not None else full
-    spec = (
-        {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.bool)},
-        tf.TensorSpec((None, length), tf.int32),
-        tf.TensorSpec((None, length), tf.float32),
-    )
+    inputs = {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.bool)}
+    if gather:
+        inputs["positions"] = tf.TensorSpec((None,), tf.int32)
+        spec = (inputs, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32))
+    else:
+        spec = (inputs, tf.TensorSpec((None, length), tf.int32), tf.TensorSpec((None, length), tf.float32))
     return tf.data.Dataset.from_generator(gen, output_signature=spec)
 
 
+def loss_positions_model(lm):
+    """`lm` computing logits only at the flat `positions` it is given (LossPositions): the backbone
+    runs on the whole batch, the output layer (with Gemma's final soft cap, inside it) on those
+    positions only. Its variables are `lm`'s, in the same order."""
+    import keras
+
+    class LossPositions(keras.Model):
+        def __init__(self, causal_lm):
+            super().__init__(name="loss_positions")
+            self.causal_lm = causal_lm
+
+        def call(self, inputs, training=False):
+            backbone = self.causal_lm.backbone
+            hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}, training=training)
+            hidden = keras.ops.reshape(hidden, (-1, keras.ops.shape(hidden)[-1]))
+            return backbone.token_embedding(keras.ops.take(hidden, inputs["positions"], axis=0), reverse=True)
+
+    return LossPositions(lm)
+
+
 def make_progress_callback(total_steps: int, sizes: list[int], every: int, history: list[dict], start_step: int = 0,
-                           on_step=None, widths: list[int] | None = None):
+                           on_step=None, widths: list[int] | None = None, real_tokens: list[int] | None = None):
     """Per-step loss from Keras's running means, a progress line a user sees in the task log, and
     `on_step(step)` after each step (checkpointing). `sizes` are the batch sizes (rows fed) of the
     steps this fit() call runs, which start after `start_step` (a resumed run); `widths` their
@@ -213,6 +271,9 @@ def make_progress_callback(total_steps: int, sizes: list[int], every: int, histo
             )
             if widths is not None:
                 history[-1]["width"] = widths[self.step - 1 - start_step]
+            if real_tokens is not None:
+                # Real (non-padding) tokens trained per second so far in this fit() call.
+                history[-1]["real_tokens_per_s"] = round(sum(real_tokens[: self.step - start_step]) / max(elapsed, 1e-9), 2)
             done_here = self.step - start_step
             if self.step % every == 0 or self.step == total_steps:
                 eta = elapsed / done_here * (total_steps - self.step)
@@ -247,21 +308,32 @@ def enable_lora(lm, rank: int) -> None:
 
 
 def prepare(lm, cfg: Config, engine: dict):
-    """LoRA on, the optimizer built and the model compiled for the engine: (optimizer, what was compiled)."""
+    """LoRA on, the optimizer built and the model that trains compiled for the engine: (trainer,
+    optimizer, what was compiled). The trainer is `lm` in tutorial mode and its LossPositions in
+    fast mode; either way it trains `lm`'s own variables."""
     enable_lora(lm, cfg.lora_rank)
     optimizer = build_optimizer(cfg)
-    return optimizer, compile_for_training(lm, cfg, optimizer, engine)
+    trainer = loss_positions_model(lm) if cfg.train_mode == "fast" else lm
+    compiled = compile_for_training(trainer, cfg, optimizer, engine)
+    compiled["logits"] = "loss positions only" if cfg.train_mode == "fast" else "every position"
+    return trainer, optimizer, compiled
 
 
-def fit(lm, enc: dict, plan: list[Step], cfg: Config, callbacks: list, start: int = 0) -> float:
-    """Train on the plan's steps from `start` (a resumed run); the seconds it took. The batches are
-    already token ids, so the string preprocessor is detached while fitting."""
+def fit(trainer, lm, enc: dict, plan: list[Step], cfg: Config, callbacks: list, start: int = 0,
+        engine: dict | None = None) -> float:
+    """Train `trainer` (from `prepare`) on the plan's steps from `start` (a resumed run); the seconds
+    it took. The batches are already token ids, so `lm`'s string preprocessor is detached while fitting."""
     t = time.time()
     preprocessor, lm.preprocessor = lm.preprocessor, None
     try:
         if start < len(plan):
-            dataset = make_dataset(enc, plan[start:], cfg.batch_size if cfg.train_mode == "fast" else None)
-            lm.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
+            fast = cfg.train_mode == "fast"
+            gather = None
+            if fast:
+                xla = (engine or engine_for(cfg))["jit_compile"]
+                gather = gather_sizes(enc, plan, cfg) if xla else True
+            dataset = make_dataset(enc, plan[start:], cfg.batch_size if fast else None, gather)
+            trainer.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
     finally:
         lm.preprocessor = preprocessor
     return time.time() - t

@@ -60,7 +60,7 @@ def test_ranges_choices_and_params_are_derived_from_the_fields():
     assert list(form) == [f.name for f in dataclasses.fields(config.Config) if f.metadata["param"]]
     for name, spec in form.items():
         want = typing.get_type_hints(config.Config)[name]
-        assert spec["type"] == {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "array"}[want]
+        assert spec["type"] == {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "array", dict: "object"}[want]
         if name in config.RANGES:
             assert (spec["minimum"], spec["maximum"]) == config.RANGES[name]
         if name in config.CHOICES:

@@ -107,3 +107,37 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
         assert champion["export"]["dir"] == str(run_dir / artifacts.EXPORT)
         assert champion["export"]["parity_passed"] == {"keras": True, "hf": True, "gguf-f16": True, "gguf-q8_0": True}
         assert 'id="use"' in html and "ollama create gemma-lora -f Modelfile" in html
+
+
+def test_the_sweep_is_tracked_in_mlflow_with_a_child_run_per_finished_variant(sweep_run):
+    import mlflow
+
+    from tasks import tracking
+    from tasks.config import load_config
+    from tasks.variants import variant_config
+
+    _, run_dir = sweep_run
+    client = mlflow.MlflowClient(tracking.tracking_uri(run_dir))
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    assert exp is not None
+    [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`gemma.run_key` = '{run_dir.name}'")
+    assert "mlflow.parentRunId" not in parent.data.tags and parent.data.tags["airflow.run_folder"] == run_dir.name
+    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = {r.data.tags["gemma.variant"]: r for r in nested}
+    assert sorted(children) == ["v0", "v1"]  # v2 failed before it had anything to log
+    assert parent.data.tags["gemma.run_key"] == run_dir.name and "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    base = load_config("tiny_test", {"num_examples": "24", "variants": json.dumps(VARIANTS)})
+    plan = artifacts.read_plan(run_dir)
+    for spec in plan[:2]:
+        child = children[spec["name"]]
+        want = variant_config(base, spec).to_dict()
+        assert child.data.params == {k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in want.items()}
+        history = artifacts.read_history(run_dir / "variants" / spec["name"])
+        assert len(client.get_metric_history(child.info.run_id, "loss")) == len(history) > 0
+        assert "rouge_l.tuned" in child.data.metrics and "adapter" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    m = artifacts.read_metrics(run_dir)
+    if m["promotable"]:
+        champion = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION_ALIAS)
+        assert champion.run_id == children[m["promotable"]].info.run_id
+        local = json.loads((run_dir.parent / artifacts.CHAMPION).read_text())
+        assert local["registry"]["version"] == int(champion.version) and local["registry"]["status"] == "logged"

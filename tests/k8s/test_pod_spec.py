@@ -287,3 +287,19 @@ def test_a_bad_pod_setting_is_an_import_error_that_names_it():
     out = subprocess.run([sys.executable, str(DAG_FILE)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     assert "gpu_count" in out.stderr and "GEMMA_GPU_COUNT" in out.stderr and "'two'" in out.stderr
+
+
+def test_pods_log_to_the_configured_tracking_server(monkeypatch):
+    """[gemma] mlflow_tracking_uri reaches every GPU pod as GEMMA_MLFLOW_TRACKING_URI (the SQLite
+    default cannot take parallel writers); unset, the pods get none and use the run root's store."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in kubernetes_env().items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    for uri in ("http://mlflow.ml.svc:5000", None):
+        monkeypatch.delenv("GEMMA_MLFLOW_TRACKING_URI", raising=False) if uri is None else \
+            monkeypatch.setenv("GEMMA_MLFLOW_TRACKING_URI", uri)
+        dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+        for stage in GPU_STAGES:
+            env = {e.name: e.value for e in dag.get_task(stage).env_vars}
+            assert env.get("GEMMA_MLFLOW_TRACKING_URI") == uri

@@ -1,10 +1,10 @@
 from tasks.batching import encode
 from tasks.models import load_tokenizer
-from tasks.prompt_template import format_example, format_prompt
+from tasks import prompt_template as pt
 
 
 def example(instruction, response):
-    return {"prompt": format_prompt(instruction), "text": format_example(instruction, response)}
+    return {"prompt": pt.instruction_prompt(instruction, "tutorial"), "text": pt.example(instruction, response, "tutorial")}
 
 
 def test_pack_shift_and_masks():

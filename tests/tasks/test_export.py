@@ -14,7 +14,7 @@ import pytest
 
 from tasks import artifacts, export, export_gguf, export_keras, finetune, generate, parity, preprocess, prompt_template, snapshot
 from tasks.config import load_config
-from tasks.prompt_template import PROMPT_TEMPLATE
+from tasks.prompt_template import instruction_prompt
 from tasks.storage import StageInputError
 
 # A gate every tuned tiny model passes: these tests are about the export, not the tuning.
@@ -90,7 +90,7 @@ def test_hf_ids_and_the_modelfile_name_the_right_tokens(exported):
     assert config["torch_dtype"] == "float32"
     modelfile = (artifacts.path(run_dir, artifacts.EXPORT, artifacts.EXPORT_GGUF) / artifacts.MODELFILE).read_text()
     assert "FROM ./model-q8_0.gguf" in modelfile
-    assert f'TEMPLATE """{PROMPT_TEMPLATE.replace("{instruction}", "{{ .Prompt }}")}"""' in modelfile
+    assert f'TEMPLATE """{instruction_prompt("{instruction}", "tutorial").replace("{instruction}", "{{ .Prompt }}")}"""' in modelfile
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile
 
 

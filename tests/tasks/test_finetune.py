@@ -6,7 +6,7 @@ import pytest
 
 from tasks import artifacts, finetune, preprocess, snapshot, training
 from tasks.config import load_config
-from tasks.prompt_template import format_example
+from tasks.prompt_template import example
 from tasks.storage import StageInputError
 from tests.tasks.test_faults import lora_weights
 
@@ -92,7 +92,7 @@ def test_only_lora_weights_change():
     lm.backbone.enable_lora(rank=4)
     lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=build_optimizer(cfg),
                weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()])
-    lm.fit([format_example("Say hi", "Hi there.")] * 8, epochs=2, batch_size=2, verbose=0)
+    lm.fit([example("Say hi", "Hi there.", "tutorial")] * 8, epochs=2, batch_size=2, verbose=0)
     after = {w.path: np.array(w.numpy()) for w in lm.backbone.weights}
     lora = [p for p in after if "lora" in p]
     assert lora and set(before) == set(after) - set(lora)

@@ -50,10 +50,10 @@ def test_stop_and_max_length_are_read_from_token_ids():
         assert a["hit_max_length"] and not a["stopped_at_eos"]
         assert a["tokens"] > 0
     # Make the first token greedy decoding picks a stop token: the answer is then empty and stopped.
-    from tasks.prompt_template import format_prompt
+    from tasks.prompt_template import instruction_prompt
 
     tok = lm.preprocessor.tokenizer
-    x = lm.preprocessor.generate_preprocess([format_prompt(prompts[0]["prompt"])], sequence_length=40)
+    x = lm.preprocessor.generate_preprocess([instruction_prompt(prompts[0]["prompt"], "tutorial")], sequence_length=40)
     n = int(keras.ops.convert_to_numpy(x["padding_mask"]).sum())
     first = keras.ops.convert_to_numpy(lm(x))[0, n - 1].argmax()
     stopped = answer(lm, prompts[:1], cfg, "test", stops=[int(first)])

@@ -21,7 +21,7 @@ import pytest
 
 from tasks import gguf_import as gi
 from tasks.gguf_import import GGUFImportError, import_gguf
-from tasks.prompt_template import format_prompt
+from tasks.prompt_template import instruction_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 ROUND_TRIP_TEXT = "Instruction:\nWhat is 2+2?\n\nResponse:\n  Four.\n<start_of_turn>user"
@@ -503,7 +503,7 @@ def _dolly_examples(n: int) -> list[tuple[str, str]]:
             record = json.loads(line)
             if record["context"].strip():
                 continue
-            prompt = format_prompt(record["instruction"])
+            prompt = instruction_prompt(record["instruction"], "tutorial")
             examples.append((prompt, record["response"]))
             if len(examples) == n:
                 break

@@ -8,7 +8,7 @@ import pytest
 from tasks.batching import encode
 from tasks.heldout_eval import score_heldout, summary
 from tasks.models import load_causal_lm
-from tasks.prompt_template import format_example, format_prompt
+from tasks.prompt_template import example, instruction_prompt
 
 
 def full_width_scores(lm, rows, sequence_length):
@@ -29,7 +29,7 @@ def test_bucketed_scores_equal_full_width_scores(preset, xla, tmp_path):
     """Graph (any width) and XLA (two widths, short batches filled with empty rows) alike."""
     lm = load_causal_lm(preset, str(tmp_path / "models"), 64)
     pairs = [("Say " + "hello " * k, "ok " * (k % 5 + 1)) for k in range(11)]
-    rows = [{"prompt": format_prompt(i), "text": format_example(i, r)} for i, r in pairs]
+    rows = [{"prompt": instruction_prompt(i, "tutorial"), "text": example(i, r, "tutorial")} for i, r in pairs]
     scores = score_heldout(lm, rows, 64, batch_size=4, xla=xla)
     ce, enc = full_width_scores(lm, rows, 64)
     mask, resp = enc["label_mask"], enc["response_mask"]
@@ -51,7 +51,7 @@ def test_lora_enabled_at_zero_scores_exactly_as_the_base(tmp_path):
     from tasks import training
 
     lm = load_causal_lm("tiny:gemma3", str(tmp_path / "models"), 64)
-    rows = [{"prompt": format_prompt(f"Name {k} fruits."), "text": format_example(f"Name {k} fruits.", "apple " * k)}
+    rows = [{"prompt": instruction_prompt(f"Name {k} fruits.", "tutorial"), "text": example(f"Name {k} fruits.", "apple " * k, "tutorial")}
             for k in range(1, 7)]
     before = score_heldout(lm, rows, 64, batch_size=4)
     training.enable_lora(lm, 4)

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from tasks import artifacts, preprocess, snapshot
+from tasks import records as record_shape
 from tasks.config import ConfigError, load_config
 from tasks.storage import StageInputError
 
@@ -24,7 +25,7 @@ def test_template_split_and_drops(tmp_path):
     for r in train:
         src = records[r["id"]]
         assert src["context"].strip() == ""
-        assert r["text"] == f"Instruction:\n{src['instruction']}\n\nResponse:\n{src['response']}"
+        assert r["text"] == f"Instruction:\n{record_shape.instruction(src)}\n\nResponse:\n{record_shape.response(src)}"
     for r in held:
         assert r["prompt"] == f"Instruction:\n{r['instruction']}\n\nResponse:\n"
         assert r["text"] == r["prompt"] + r["response"]

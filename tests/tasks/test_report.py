@@ -77,12 +77,22 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
                 a["prompt"] = HOSTILE[-1 - i]
                 if group == "heldout":
                     a["reference"] = HOSTILE[i - 1]
+                    # Multi-turn: the turns so far, and a category, come from the data too.
+                    a["history"] = [{"role": "user", "content": HOSTILE[i - 2]}, {"role": "assistant", "content": HOSTILE[i - 3]}]
+                    a["category"] = HOSTILE[i - 4]
     answers_path.write_text(json.dumps(answers))
     manifest_path = run_dir / "snapshot" / artifacts.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest["source"] = HOSTILE[0]
+    manifest["dataset"] = HOSTILE[2]
+    manifest["dataset_format"] = HOSTILE[3]
+    manifest["chat_styles"] = {HOSTILE[1]: 1}
     manifest["category_counts"][HOSTILE[1]] = 1
     manifest_path.write_text(json.dumps(manifest))
+    prep_path = run_dir / "preprocess" / artifacts.MANIFEST
+    prep = json.loads(prep_path.read_text())
+    prep["example"], prep["template"] = HOSTILE[0] + HOSTILE[1], HOSTILE[2]
+    prep_path.write_text(json.dumps(prep))
 
     cfg = load_config("tiny_test")
     html = report.render(report.gather(cfg, run_dir, evaluate(cfg, run_dir)))
@@ -96,6 +106,7 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
     for h in HOSTILE:  # the reader sees the text as it was, literally
         assert h in text
     assert "{{ config" in text  # not evaluated as a template
+    assert 'id="rendered-example"' in html and html.count('<ol class="history">') >= len(HOSTILE)
 
 
 def test_line_chart_handles_empty_and_flat_series():

@@ -16,6 +16,7 @@ import pytest
 from tasks import artifacts, snapshot
 from tasks.airflow_settings import run_dir_for
 from tasks.config import BUNDLED_DOLLY, load_config
+from tasks import records
 from tasks.snapshot import CATEGORIES, SnapshotError
 from tests.conftest import DOLLY_OLDREV, REPO
 
@@ -240,7 +241,8 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
         assert pair["from"] not in after and pair["to"] not in before
         assert snapshot.change_key(old) == snapshot.change_key(new)
     [added] = examples["added"]
-    assert after[added]["response"] == after[added]["instruction"]  # the pre-fix row that repeated its instruction
+    # the pre-fix row that repeated its instruction
+    assert records.response(after[added]) == records.instruction(after[added])
 
     # Back to the current texts: content seen before, so its folder is reused, yet it is a change.
     fourth = snapshot.run(cfg_for(dolly_full), runs / "r4")

@@ -62,40 +62,53 @@ def test_cpu_bfloat16_detection_reads_the_cpu_flags():
 
 
 def test_a_fast_step_is_the_tutorial_step():
-    """Per-batch padding with the rescaled loss gives the tutorial's loss and update on the same examples,
-    for a full batch at its own width and for a short batch filled up with zero-weight rows."""
+    """Per-batch padding with the rescaled loss, and the output layer computed at the loss positions
+    only (LossPositions, what fast mode trains), give the tutorial's loss and update on the same
+    examples: for a full batch at its own width and for a short batch filled up with zero-weight
+    rows, with the loss on every token and on the responses only."""
     import keras
 
     from tasks.models import load_causal_lm
-    from tasks.prompt_template import format_example, format_prompt
+    from tasks.prompt_template import example, instruction_prompt
 
     pairs = [("Name a colour.", "Blue."), ("Name a fruit.", "A pear, often green."), ("Say hi.", "Hi!"),
              ("Count to three.", "One, two, three."), ("Name a month.", "May."), ("Name a sea.", "The Baltic Sea.")]
-    rows = [{"prompt": format_prompt(i), "text": format_example(i, r)} for i, r in pairs]
-    results = {}
-    for mode in ("tutorial", "fast"):
-        cfg = load_config("tiny_test", {"train_mode": mode, "sequence_length": "128", "batch_size": "4",
-                                        "learning_rate": "1e-2"})
-        keras.utils.set_random_seed(0)
-        lm = load_causal_lm("tiny:gemma", sequence_length=128)
-        enc = encode(lm.preprocessor.tokenizer, rows, 128)
-        lm.backbone.enable_lora(rank=4)
-        training.compile_for_training(lm, cfg, training.build_optimizer(cfg))
-        lm.preprocessor = None
-        losses = []
-        for idx in ([0, 1, 2, 3], [4, 5]):
-            if mode == "fast":
-                width = -(-max(input_lengths(enc)[i] for i in idx) // 16) * 16
-                x, y, w = step_arrays(enc, Step(idx, width), batch_size=4)
-                assert x["token_ids"].shape == (4, width) and width <= 32
+    rows = [{"prompt": instruction_prompt(i, "tutorial"), "text": example(i, r, "tutorial")} for i, r in pairs]
+    for loss_tokens in ("all", "response"):
+        results = {}
+        for mode in ("tutorial", "fast", "fast-full-logits"):
+            cfg = load_config("tiny_test", {"train_mode": mode.split("-")[0], "sequence_length": "128", "batch_size": "4",
+                                            "learning_rate": "1e-2", "loss_tokens": loss_tokens})
+            keras.utils.set_random_seed(0)
+            lm = load_causal_lm("tiny:gemma", sequence_length=128)
+            enc = encode(lm.preprocessor.tokenizer, rows, 128, loss_tokens)
+            if mode == "fast-full-logits":
+                lm.backbone.enable_lora(rank=4)
+                training.compile_for_training(lm, cfg, training.build_optimizer(cfg))
+                trainer = lm
             else:
-                x, y, w = step_arrays(enc, Step(idx, 128))
-            losses.append(float(lm.train_on_batch(x, y, sample_weight=w)[0]))
-        results[mode] = losses, {v.path: np.array(v.numpy()) for v in lm.backbone.trainable_weights}
-        keras.backend.clear_session()
-    np.testing.assert_allclose(results["fast"][0], results["tutorial"][0], rtol=1e-5)
-    for name, value in results["tutorial"][1].items():
-        np.testing.assert_allclose(results["fast"][1][name], value, atol=1e-5, err_msg=name)
+                trainer, _, compiled = training.prepare(lm, cfg, training.engine_for(cfg))
+                assert (trainer is lm) == (mode == "tutorial")
+                assert [v.path for v in trainer.trainable_variables] == [v.path for v in lm.trainable_variables]
+            lm.preprocessor = None
+            losses = []
+            for idx in ([0, 1, 2, 3], [4, 5]):
+                if mode.startswith("fast"):
+                    width = -(-max(input_lengths(enc)[i] for i in idx) // 16) * 16
+                    x, y, w = step_arrays(enc, Step(idx, width), batch_size=4)
+                    assert x["token_ids"].shape == (4, width) and width <= 32
+                    if mode == "fast":
+                        x, y, w = training.gathered(x, y, w, size=4 * width)
+                        assert y.shape == w.shape == (4 * width,) and 0 < (w > 0).sum() < 4 * width
+                else:
+                    x, y, w = step_arrays(enc, Step(idx, 128))
+                losses.append(float(trainer.train_on_batch(x, y, sample_weight=w)[0]))
+            results[mode] = losses, {v.path: np.array(v.numpy()) for v in lm.backbone.trainable_weights}
+            keras.backend.clear_session()
+        for mode in ("fast", "fast-full-logits"):
+            np.testing.assert_allclose(results[mode][0], results["tutorial"][0], rtol=1e-5, err_msg=f"{mode} {loss_tokens}")
+            for name, value in results["tutorial"][1].items():
+                np.testing.assert_allclose(results[mode][1][name], value, atol=1e-5, err_msg=f"{mode} {loss_tokens} {name}")
 
 
 def test_fast_mode_reaches_the_tutorial_heldout_loss(tmp_path):
@@ -163,3 +176,31 @@ def test_fast_mode_resumes_to_the_same_result(tmp_path, monkeypatch):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
     np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in clean_history], atol=1e-3)
+
+
+def test_fast_mode_under_xla_gathers_each_width_to_one_shape(tmp_path):
+    """cpu_engine xla: every step of a width feeds the same number of loss positions (one compiled
+    shape per width), no step loses a position, and the run trains the held-out loss down."""
+    data = write_learnable_dataset(tmp_path / "fruit.jsonl")
+    cfg = load_config("tiny_test", {**LEARNABLE, "dataset_source": str(data), "train_mode": "fast", "cpu_engine": "xla",
+                                    "bucket_shapes": "2", "loss_tokens": "response"})
+    run_dir = tmp_path / "xla"
+    for stage in (snapshot, preprocess):
+        stage.run(cfg, run_dir)
+    from tasks.models import load_tokenizer
+
+    enc = encode(load_tokenizer(cfg.model_preset), artifacts.read_train(run_dir), cfg.sequence_length, cfg.loss_tokens)
+    engine = training.engine_for(cfg)
+    plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
+    sizes = training.gather_sizes(enc, plan, cfg)
+    assert set(sizes) == {s.width for s in plan} and len(sizes) <= 2
+    for step in plan:
+        x, y, w = step_arrays(enc, step, cfg.batch_size)
+        gx, gy, gw = training.gathered(x, y, w, sizes[step.width])
+        assert gy.shape == gw.shape == gx["positions"].shape == (sizes[step.width],)
+        assert gw.sum() == pytest.approx(w.sum()) and (gy[gw > 0] == y.reshape(-1)[w.reshape(-1) > 0]).all()
+        assert sizes[step.width] < cfg.batch_size * step.width  # fewer logits than positions
+    finetune.run(cfg, run_dir)
+    result = artifacts.read_finetune_result(run_dir)
+    assert result["training"]["jit_compile"] is True and result["training"]["logits"] == "loss positions only"
+    assert result["heldout_tuned"]["response_loss"] < 0.9 * result["heldout_base"]["response_loss"]
