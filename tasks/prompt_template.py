@@ -10,7 +10,7 @@ The first user turn carries the record's context, `{instruction}\\n\\nContext:\\
 system message folded in front of it, `{system}\\n\\n{instruction}` (Gemma has no system role: its
 own chat template does the same). A multi-turn conversation is its turns one after the other
 (`\\n\\n` between the tutorial's turns). A tutorial answer ends with <eos>, a gemma_chat one with
-`<end_of_turn>` (the only end its training text puts in the loss). Preprocess renders the training and held-out texts with
+`<end_of_turn>` (and the text with <eos>). Preprocess renders the training and held-out texts with
 `render` (which also says where the assistant turns are, for the loss mask), generate asks
 `prompt` and `instruction_prompt`, the metrics detect an answer that runs on into a new turn
 (`leaks`), generation stops at `stop_token_ids`, and the tiny test models' vocabulary is trained on
@@ -50,10 +50,10 @@ def first_user_text(instruction: str, context: str = "", system: str = "") -> st
 
 def render(messages: list[dict], template: str, context: str = "") -> tuple[str, list[tuple[int, int]]]:
     """The conversation as one training text, and the (start, end) character span of each assistant
-    turn in it: the answer and what ends it (`<end_of_turn>` in gemma_chat). A span that ends the
-    text also owns the <eos> the tokenizer appends (tutorial); in gemma_chat the text ends with the
-    newline after the last `<end_of_turn>`, so the turn end is the only end the model learns, and
-    the one generation stops at. `messages` are a normalized record's (tasks.records)."""
+    turn in it: the answer and what ends it (`<end_of_turn>` in gemma_chat). The span that ends the
+    text also owns the <eos> the tokenizer appends: in gemma_chat the last turn's span is its answer,
+    `<end_of_turn>`, the newline and then <eos>, as Gemma's own fine-tuning recipes end a sequence.
+    `messages` are a normalized record's (tasks.records)."""
     before, between, end, after = _PARTS[check(template)]
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     turns = [m for m in messages if m["role"] != "system"]
@@ -67,8 +67,13 @@ def render(messages: list[dict], template: str, context: str = "") -> tuple[str,
             start = len(text)
             text += turns[i + 1]["content"] + end
             spans.append((start, len(text)))
-            if i + 2 < len(turns) or template == "gemma_chat":
+            if i + 2 < len(turns):
                 text += after
+            elif template == "gemma_chat":
+                # The last turn's newline and the <eos> after it end the text; in the loss too, so a
+                # base model whose <end_of_turn> is untrained still learns to stop (at <eos>).
+                text += after
+                spans[-1] = (start, len(text))
     return text, spans
 
 

@@ -147,7 +147,8 @@ def test_templates_render_turns_context_and_system():
                     "<start_of_turn>user\nAnd a fruit?<end_of_turn>\n<start_of_turn>model\nA pear.<end_of_turn>\n"
                     "<start_of_turn>user\nOne more colour?<end_of_turn>\n<start_of_turn>model\nGreen.<end_of_turn>\n")
     # Each answer's span ends with the turn end: what the model learns to say, and where it stops.
-    assert [text[a:b] for a, b in spans] == ["Blue.<end_of_turn>", "A pear.<end_of_turn>", "Green.<end_of_turn>"]
+    # (the last one also owns the newline and the <eos> that end the sequence).
+    assert [text[a:b] for a, b in spans] == ["Blue.<end_of_turn>", "A pear.<end_of_turn>", "Green.<end_of_turn>\n"]
     single = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
     assert prompt_template.render(single, "tutorial", context="C.")[0] == "Instruction:\nQ?\n\nContext:\nC.\n\nResponse:\nA."
     assert prompt_template.render(single, "tutorial")[0] == "Instruction:\nQ?\n\nResponse:\nA."
@@ -167,12 +168,10 @@ def test_three_turn_mask_weights_only_the_assistant_tokens(template):
     labels, w, real = enc["labels"][0], enc["weights"][0], enc["label_mask"][0]
     weighted = labels[w > 0].tolist()
     eos = tok.end_token_id
-    # tutorial: an answer ends with <eos>; gemma_chat: with <end_of_turn>, never with <eos>.
-    if template == "tutorial":
-        assert weighted[-1] == eos and eos not in weighted[:-1]
-    else:
-        assert eos not in weighted and weighted[-1] == tok.token_to_id("<end_of_turn>")
-        weighted.append(eos)  # uniform below: the last entry is dropped
+    assert weighted[-1] == eos and eos not in weighted[:-1]
+    if template == "gemma_chat":  # every assistant turn ends with <end_of_turn> in the loss
+        eot = tok.token_to_id("<end_of_turn>")
+        assert weighted.count(eot) == 3 and weighted[-3:-1] == [eot, np.asarray(tok("\n")).tolist()[0]]
     # The weighted tokens are the assistant turns' tokens, in order, and nothing of the user turns
     # (a token merged across a turn's end, such as ".\n\n", stays with the turn).
     said = "".join(tok.id_to_token(t) for t in weighted[:-1])
