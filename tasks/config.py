@@ -96,7 +96,7 @@ class Config:
 
     # -- preprocessing ---------------------------------------------------------------------
     drop_context: bool = key(True, "drop the records that have a context (the seed's choice); false puts the context "
-                             "into the prompt", stages=(PREPROCESS,), param=True)
+                             "into the prompt", stages=(PREPROCESS,))
     prompt_template: str = key(
         "tutorial",
         "the prompt format: tutorial (Instruction: ... Response:, the Keras tutorial's) or gemma_chat (the turn "
