@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks import artifacts, storage
+from tasks.airflow_settings import DAG_ID
 
 log = logging.getLogger("gemma_pipeline")
 
-DAG_ID = "gemma_lora_finetune"  # the experiment's and the registered model's name (tasks.airflow_settings.DAG_ID)
+# The experiment and the registered model are named after the DAG.
 EXPERIMENT = DAG_ID
 REGISTERED_MODEL = DAG_ID
 CHAMPION_ALIAS, PREVIOUS_ALIAS = "champion", "previous-champion"
