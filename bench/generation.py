@@ -15,8 +15,10 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from bench import common
+from tasks import adapter
 
 
 def parse_args(argv=None):
@@ -91,8 +93,7 @@ def main(argv=None) -> dict:
     with common.PeakRss() as load_mem:
         lm = load_causal_lm(base.model_preset, base.models_dir)
         if args.adapter:
-            lm.backbone.enable_lora(rank=base.lora_rank)
-            lm.backbone.load_lora_weights(args.adapter)
+            adapter.load(lm, Path(args.adapter), base.lora_rank)
     load_s = time.time() - t
     out = {
         "benchmark": "generation",

@@ -20,16 +20,18 @@ import json
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
-from tasks.airflow_settings import DAG_ID, run_dir_for, run_root, setting
+from tasks.airflow_settings import DAG_ID, retries, run_dir_for, run_root, setting
 from tasks.artifacts import asset_uri
 from tasks.cli import stage_argv
 from tasks.config import Config, read_config_file, trigger_form
+from tasks.storage import NOT_RETRIED
 
 
 RUNNER = setting("runner", "local")
 if RUNNER not in ("local", "kubernetes"):
     raise ValueError(f"[gemma] runner / GEMMA_RUNNER must be 'local' or 'kubernetes', not {RUNNER!r}")
 CONFIG = setting("config", "cpu_demo" if RUNNER == "local" else "gemma_2b_lora")
+RETRIES, RETRY_DELAY_S = retries()
 RUN_ROOT = str(run_root())
 DEFAULTS = read_config_file(CONFIG)
 # Gets an event when a run's snapshot differs from the dataset's latest one (see snapshot_changed).
@@ -65,12 +67,20 @@ def templated_argv(stage: str, mapped: bool = True) -> list[str]:
 
 
 def run_locally(stage: str, spec: dict | None = None) -> dict:
-    """The local runner: the stage's own CLI, in-process, with the argv a pod would get."""
+    """The local runner: the stage's own CLI, in-process, with the argv a pod would get. An error a
+    retry would only repeat (bad input, config or setting, a full disk) fails the task at once."""
     import importlib
+
+    from airflow.sdk.exceptions import AirflowFailException
 
     argv = argv_for(stage, spec)
     print(f"running: python -m tasks.{stage} {' '.join(argv)}")
-    return importlib.import_module(f"tasks.{stage}").main(argv)
+    try:
+        return importlib.import_module(f"tasks.{stage}").main(argv)
+    except NOT_RETRIED as e:
+        raise AirflowFailException(f"{type(e).__name__}: {e}"[:4000]) from e
+    except SystemExit as e:  # argparse's exit on a bad --set
+        raise AirflowFailException(f"python -m tasks.{stage} exited {e.code}: see the log above") from e
 
 
 TIMEOUTS = {
@@ -158,7 +168,9 @@ def promote() -> dict:
     params=PARAMS,
     tags=["gemma", "lora", "keras-hub"],
     doc_md=__doc__ + f"\n\nRunner: **{RUNNER}** · config: **{CONFIG}** · run root: `{RUN_ROOT}`",
-    default_args={"retries": 0},
+    # A killed or preempted task (OOM killer, node drain, a crash) is retried and resumes from its
+    # checkpoint, with no one clicking; errors a retry would repeat are not retried (run_locally).
+    default_args={"retries": RETRIES, "retry_delay": dt.timedelta(seconds=RETRY_DELAY_S)},
     user_defined_filters={"run_dir": lambda run_id: str(run_dir_for(run_id))},
 )
 def gemma_lora_finetune():

@@ -23,6 +23,24 @@ def setting(key: str, default: str) -> str:
     return conf.get("gemma", key, fallback=None) or os.environ.get(f"GEMMA_{key.upper()}") or default
 
 
+# [gemma] retries: what every task of a run gets, locally and in pods. A killed or preempted task
+# (OOM killer, node drain, crash) is retried and resumes from its checkpoint with no one clicking;
+# an error a retry would repeat is not retried (tasks.storage.NOT_RETRIED).
+RETRIES_DEFAULT = "2"
+RETRY_DELAY_DEFAULT_S = "15"
+
+
+def retries() -> tuple[int, int]:
+    """([gemma] retries, [gemma] retry_delay_s), checked: 0-10 retries, 1-3600 s apart."""
+    out = []
+    for key, default, top in (("retries", RETRIES_DEFAULT, 10), ("retry_delay_s", RETRY_DELAY_DEFAULT_S, 3600)):
+        raw = setting(key, default)
+        if not raw.isdigit() or not (key == "retries" or int(raw) >= 1) or int(raw) > top:
+            raise ValueError(f"[gemma] {key} / GEMMA_{key.upper()} must be a whole number up to {top}, not {raw!r}")
+        out.append(int(raw))
+    return out[0], out[1]
+
+
 def run_root() -> Path:
     default = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "gemma_runs"
     return Path(setting("run_root", str(default))).expanduser()

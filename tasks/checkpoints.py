@@ -1,9 +1,10 @@
 """Fine-tune checkpoints: what a retried `finetune` needs to go on where a killed one stopped.
 
-A checkpoint holds the LoRA weights, the optimizer's state (Adam moments and its step counter), the
-global step, the data order and the loss history so far. Each one is published atomically
-(storage.publishing), then `latest.json` is replaced: a kill at any point leaves the previous
-checkpoint usable. Checkpoints belong to one set of inputs (the stage's fingerprint); others are
+A checkpoint holds the adapter (LoRA weights and any token rows), the optimizer's state (Adam moments
+and its step counter), the global step, the data order and the loss history so far, and the sha256
+of its files. Each one is published atomically (storage.publishing), then `latest.json` is replaced:
+a kill at any point leaves the previous checkpoint usable. A checkpoint damaged afterwards (a
+truncated or edited file) is detected and skipped for the one before it, or the run starts over. Checkpoints belong to one set of inputs (the stage's fingerprint); others are
 ignored, so changing a Param never resumes an unrelated run.
 """
 
@@ -13,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from tasks import storage
+from tasks import adapter, storage
 from tasks.artifacts import ADAPTER
 
 log = logging.getLogger("gemma_pipeline")
@@ -30,17 +31,54 @@ class Checkpoints:
     def __init__(self, directory: Path, fingerprint: str):
         self.dir = Path(directory)
         self.fingerprint = fingerprint
+        self.skipped: list[str] = []  # damaged checkpoints latest() removed
 
     def latest(self) -> dict | None:
-        pointer = self.dir / LATEST
-        if not pointer.is_file():
-            return None
-        latest = storage.read_json(pointer)
-        state_path = self.dir / latest["dir"] / STATE
-        if latest.get("fingerprint") != self.fingerprint or not state_path.is_file():
-            log.warning("finetune: ignoring checkpoints in %s: they belong to other inputs", self.dir)
-            return None
-        return {**storage.read_json(state_path), "dir": str(self.dir / latest["dir"])}
+        """The newest usable checkpoint of these inputs (its state, and `dir`), or None. A checkpoint
+        whose files are truncated, changed or unreadable is skipped with a warning that names it,
+        and the one before it is used (KEEP are kept), or none: the run starts over."""
+        steps = sorted((p for p in self.dir.glob("step-*") if p.is_dir()), reverse=True) if self.dir.is_dir() else []
+        skipped = self.skipped = []
+        for directory in steps:
+            state, problem = self._check(directory)
+            if problem == "other inputs":
+                log.warning("finetune: ignoring checkpoint %s: it belongs to other inputs", directory)
+                continue
+            if problem:
+                log.warning("finetune: checkpoint %s is unusable, removing it: %s", directory, problem)
+                skipped.append(directory.name)
+                # Gone, so it never counts among the KEEP newest again.
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            if skipped:
+                log.warning("finetune: resuming from the previous checkpoint, %s, instead of %s", directory.name, ", ".join(skipped))
+            return {**state, "dir": str(directory)}
+        if skipped:
+            log.warning("finetune: no usable checkpoint left (%s unusable): starting over from step 0", ", ".join(skipped))
+        return None
+
+    def _check(self, directory: Path) -> tuple[dict | None, str | None]:
+        """(state, None) for a usable checkpoint, else (None, why)."""
+        try:
+            state = storage.read_json(directory / STATE)
+        except (OSError, ValueError) as exc:
+            return None, f"{STATE} cannot be read ({type(exc).__name__}: {exc})"
+        if state.get("fingerprint") != self.fingerprint:
+            return None, "other inputs"
+        problems = storage.hash_problems(directory, state.get("files", {}))
+        if problems:
+            return None, "; ".join(problems)
+        try:
+            import h5py
+            import numpy as np
+
+            with h5py.File(directory / ADAPTER, "r"):
+                pass
+            with np.load(directory / OPTIMIZER) as saved:
+                saved.files  # noqa: B018 - reading the index is the check
+        except Exception as exc:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            return None, f"a file cannot be read ({type(exc).__name__}: {exc})"
+        return state, None
 
     def save(self, step, lm, optimizer, history, base_scores, orders, train) -> None:
         import numpy as np
@@ -49,8 +87,9 @@ class Checkpoints:
         name = f"step-{step:07d}"
         final = self.dir / name
         with storage.publishing(final) as tmp:
-            lm.backbone.save_lora_weights(str(tmp / ADAPTER))
+            adapter.save(lm, tmp / ADAPTER)
             np.savez(tmp / OPTIMIZER, *[np.asarray(v.numpy()) for v in optimizer.variables])
+            files = storage.file_hashes(tmp)
             storage.write_json(
                 tmp / STATE,
                 {
@@ -60,6 +99,8 @@ class Checkpoints:
                     "base_scores": base_scores,
                     "data_order": [[train[i]["id"] for i in order] for order in orders],
                     "optimizer_variables": [v.path for v in optimizer.variables],
+                    # What resuming checks before trusting the files.
+                    "files": files,
                 },
             )
         storage.write_json(self.dir / LATEST, {"dir": name, "step": step, "fingerprint": self.fingerprint})
@@ -71,7 +112,7 @@ class Checkpoints:
         import numpy as np
 
         directory = Path(state["dir"])
-        lm.backbone.load_lora_weights(str(directory / ADAPTER))
+        adapter.load(lm, directory / ADAPTER, lm.backbone._lora_rank)
         optimizer.build(lm.trainable_variables)
         saved = np.load(directory / OPTIMIZER)
         arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]

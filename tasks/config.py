@@ -120,6 +120,11 @@ class Config:
 
     # -- LoRA fine-tune (defaults: the Keras tutorial's recipe) -----------------------------
     lora_rank: int = key(4, "LoRA rank", stages=(FINETUNE, GENERATE), range=(1, 1024), variant=True, param=True)
+    trainable_tokens: str = key(
+        "auto",
+        "auto: with prompt_template gemma_chat, also train the embedding rows of <start_of_turn> and <end_of_turn> "
+        "(untrained in a pretrained base, so its tuned answers could not stop at the turn end); none: LoRA only",
+        stages=(FINETUNE,), choices=("auto", "none"), variant=True)
     learning_rate: float = key(5e-5, "AdamW learning rate", stages=(FINETUNE,), range=(1e-8, 1.0), variant=True, param=True)
     weight_decay: float = key(0.01, "AdamW weight decay (bias and scale excluded)", stages=(FINETUNE,), range=(0.0, 1.0),
                               variant=True, param=True)

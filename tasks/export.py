@@ -17,7 +17,6 @@ Writes `export/` (formats: config key `export_formats`):
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ PARITY_PROMPTS = ("tutorial-europe-trip", "tutorial-photosynthesis")
 GGUF_FORMATS = ("f16", "q8_0")
 
 
-class ExportError(RuntimeError):
+class ExportError(storage.PermanentError):
     """Nothing can be exported from this run; the message names the cause."""
 
 
@@ -87,8 +86,10 @@ def merge(cfg: Config, adapter: Path, texts: list[str]):
     del tuned
     gc.collect()
     lm = export_keras.base_with_kernels(cfg.model_preset, cfg.models_dir, kernels)
-    layers = len(kernels)
-    log.info("export: merged the adapter into %d kernels (%s)", layers, lm.backbone.dtype_policy.name)
+    rows = kernels.get(export_keras.TOKEN_ROWS, {})
+    layers = len(kernels) - bool(rows)
+    log.info("export: merged the adapter into %d kernels and %d token rows (%s)", layers, len(rows),
+             lm.backbone.dtype_policy.name)
     return ref, lm, layers
 
 
@@ -120,11 +121,7 @@ def write_formats(cfg: Config, lm, ref: dict, out: Path) -> dict:
 def file_table(out: Path, final: Path) -> list[dict]:
     rows = []
     for p in sorted(x for x in out.rglob("*") if x.is_file()):
-        digest = hashlib.sha256()
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        rows.append({"path": str(final / p.relative_to(out)), "bytes": p.stat().st_size, "sha256": digest.hexdigest()})
+        rows.append({"path": str(final / p.relative_to(out)), "bytes": p.stat().st_size, "sha256": storage.sha256_file(p)})
     return rows
 
 

@@ -25,7 +25,7 @@ _SP_SPACE = "\u2581"
 _CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 
 
-class GGUFExportError(RuntimeError):
+class GGUFExportError(storage.PermanentError):
     """The model cannot be written as GGUF faithfully; the message says why."""
 
 

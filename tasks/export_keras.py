@@ -11,6 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
+# merged_kernels' key for the merged token rows (tasks.adapter), beside the layer paths.
+TOKEN_ROWS = "token_embedding/token_rows"
+
+
 def lora_layers(backbone) -> list:
     """Every layer with LoRA enabled, in a stable order."""
     return [layer for layer in backbone._flatten_layers() if getattr(layer, "lora_enabled", False)]
@@ -21,24 +25,30 @@ def _key(layer) -> str:
     return layer.path
 
 
-def tuned_model(preset: str, models_dir: str, lora_rank: int, adapter: Path):
+def tuned_model(preset: str, models_dir: str, lora_rank: int, adapter_file: Path):
     """The base model with the adapter loaded (what the report evaluated)."""
+    from tasks import adapter
     from tasks.models import load_causal_lm
 
     lm = load_causal_lm(preset, models_dir)
-    lm.backbone.enable_lora(rank=lora_rank)
-    lm.backbone.load_lora_weights(str(adapter))
+    adapter.load(lm, adapter_file, lora_rank)
     return lm
 
 
-def merged_kernels(tuned, adapter: Path) -> dict:
-    """Each LoRA layer's merged kernel (`_kernel + (alpha / rank) * A @ B`) by its path, as numpy."""
+def merged_kernels(tuned, adapter_file: Path) -> dict:
+    """Each LoRA layer's merged kernel (`_kernel + (alpha / rank) * A @ B`) by its path, as numpy,
+    and under TOKEN_ROWS the merged embedding rows of the adapter's token rows ({id: row})."""
     import keras
     import numpy as np
 
+    from tasks import adapter
+
     merged = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in lora_layers(tuned.backbone)}
     if not merged:
-        raise RuntimeError(f"the adapter {adapter} enabled no LoRA layer")
+        raise RuntimeError(f"the adapter {adapter_file} enabled no LoRA layer")
+    rows = adapter.merged_token_rows(tuned)
+    if rows:
+        merged[TOKEN_ROWS] = rows
     return merged
 
 
@@ -48,6 +58,15 @@ def base_with_kernels(preset: str, models_dir: str, merged: dict):
     from tasks.models import load_causal_lm
 
     lm = load_causal_lm(preset, models_dir)
+    merged = dict(merged)
+    rows = merged.pop(TOKEN_ROWS, {})
+    if rows:
+        # Gemma ties its input embedding and output layer: the merged row serves both, as the delta did.
+        table = lm.backbone.token_embedding._embeddings
+        values = table.numpy()
+        for token, row in rows.items():
+            values[token] = row.astype(values.dtype)
+        table.assign(values)
     layers = {_key(layer): layer for layer in lm.backbone._flatten_layers() if hasattr(layer, "_kernel")}
     if len(merged) != len(set(merged) & set(layers)):
         raise RuntimeError(f"merged kernels {sorted(set(merged) - set(layers))} have no layer in a fresh {preset}")

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, storage, tracking, training
+from tasks import adapter, artifacts, storage, tracking, training
 from tasks.artifacts import FINETUNE as STAGE
 from tasks.batching import encode, input_lengths, plan_orders
 from tasks.checkpoints import Checkpoints
@@ -80,8 +80,10 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
     load_s = time.time() - t
     enc = encode(lm.preprocessor.tokenizer, train, cfg.sequence_length, cfg.loss_tokens)
     plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
-    # LoRA on before anything is traced: the base and the tuned model are scored by one function.
-    training.enable_lora(lm, cfg.lora_rank)
+    # LoRA (and the template's token rows) on before anything is traced: the base and the tuned
+    # model are scored by one function.
+    adapter.enable(lm, cfg.lora_rank, adapter.template_token_ids(lm.preprocessor.tokenizer, cfg.prompt_template,
+                                                                 cfg.trainable_tokens))
     scorer = sums_fn(lm, engine["jit_compile"])
     return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume, scorer)
 
@@ -113,8 +115,10 @@ def train(s: Session, base_scores: dict) -> Trained:
         history = s.resume["history"]
         log.info("finetune: RESUMING from the checkpoint at step %d/%d (%s)", start, total, s.resume["dir"])
     log.info(
-        "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA rank %d: %s trainable weights",
-        len(s.train), cfg.batch_size, cfg.epochs, total, cfg.lora_rank, f"{trainable:,}",
+        "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA rank %d%s: %s trainable weights",
+        len(s.train), cfg.batch_size, cfg.epochs, total, cfg.lora_rank,
+        f" + the embedding rows of {[lm.preprocessor.tokenizer.id_to_token(i) for i in adapter.token_ids(lm)]}"
+        if adapter.token_ids(lm) else "", f"{trainable:,}",
     )
     log.info(
         "finetune: train_mode %s, XLA %s, dtype policy %s, batch widths %s",
@@ -143,7 +147,7 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
     import keras
 
     cfg, plan = s.cfg, s.plan
-    s.lm.backbone.save_lora_weights(str(out / artifacts.ADAPTER))
+    adapter.save(s.lm, out / artifacts.ADAPTER)
     total = len(plan)
     fed = training.rows_fed(plan, cfg)
     widths = [step.width for step in plan]
@@ -156,9 +160,12 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
         "model_class": type(s.lm).__name__,
         "parameters": t.base_params,
         "trainable_parameters": t.trainable,
+        # Special tokens whose embedding rows were trained beside LoRA (trainable_tokens).
+        "token_rows": {s.lm.preprocessor.tokenizer.id_to_token(i): i for i in adapter.token_ids(s.lm)},
         "steps": len(t.history),
         "examples": len(s.train),
         "resumed_from_step": t.start or None,
+        "checkpoints_skipped": s.checkpoints.skipped,
         "data_order": [[s.train[i]["id"] for i in order] for order in plan_orders(plan, len(s.train))],
         "config": cfg.subset(CONFIG_KEYS),
         "timings_s": {"load": round(s.load_s, 2), "train": round(t.train_s, 2)},

@@ -22,7 +22,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import artifacts, storage, tracking
+from tasks import adapter, artifacts, storage, tracking
 from tasks.artifacts import GENERATE as STAGE
 from tasks.cli import stage_main
 from tasks.config import Config, fingerprint, stage_keys
@@ -146,7 +146,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
         from tasks.models import load_causal_lm
 
-        adapter = artifacts.adapter_path(run_dir)
+        adapter_file = artifacts.adapter_path(run_dir)
         heldout = [
             {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "rendered": r["prompt"],
              "history": r.get("history", []), "reference": r["response"]}
@@ -154,11 +154,11 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         ][: cfg.heldout_generate_examples]
         prompts = suite["prompts"] + heldout
         keras.utils.set_random_seed(cfg.sampler_seed)
-        # One model for both: LoRA is enabled before anything is traced, with its B matrices at
-        # zero (Keras's init), so the base answers are the base model's exactly; loading the
+        # One model for both: LoRA (and any token rows) is enabled before anything is traced, with
+        # its B matrices and rows at zero, so the base answers are the base model's exactly; loading the
         # adapter then only assigns variables, and the compiled generate function serves both.
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
-        lm.backbone.enable_lora(rank=cfg.lora_rank)
+        adapter.enable_for(lm, adapter_file, cfg.lora_rank)
         sampler = make_sampler(cfg)
         lm.compile(sampler=sampler)
         seeds = [g.state.numpy() for g in getattr(sampler, "_seed_generators", [])]
@@ -174,7 +174,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             if model in results:
                 continue
             if model == "tuned":
-                lm.backbone.load_lora_weights(str(adapter))
+                adapter.load(lm, adapter_file, cfg.lora_rank)
             # Both models answer from the sampler's seed.
             reset_sampler(sampler, seeds)
             t = time.time()

@@ -21,8 +21,8 @@ Conventions that matter (each was checked against the real file; tests/tasks/tes
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -63,14 +63,6 @@ class GGUFImportError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(4 * 1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _import_package():
     try:
         import importlib
@@ -95,7 +87,7 @@ def default_gguf_path(cache_dir: Path) -> Path:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / package.MODEL_NAME
-    if target.is_file() and _sha256_file(target) == package.EXPECTED_SHA256:
+    if target.is_file() and storage.sha256_file(target) == package.EXPECTED_SHA256:
         return target
     try:
         with storage.publishing(target, directory=False) as tmp:
@@ -529,7 +521,19 @@ def _read_manifest(out_dir: Path) -> dict | None:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        # A damaged manifest is a damaged import: report it as one, to be imported again.
+        return {"files": None}
+
+
+def damage(out_dir: Path, manifest: dict) -> list[str]:
+    """What is wrong with a finished import's files (missing, truncated, changed), per file; empty
+    when every file is as written. An import without a file record (older code) is not trusted."""
+    if manifest.get("files") is None:
+        return [f"{Path(out_dir) / MANIFEST_NAME} is unreadable or records no file hashes"]
+    return storage.hash_problems(out_dir, manifest["files"])
 
 
 def _licence_dir() -> Path | None:
@@ -550,8 +554,15 @@ def import_gguf(out_dir: Path, gguf_path: Path | None = None, *, log: Log = prin
     out_dir = Path(out_dir)
     existing = _read_manifest(out_dir)
     if existing is not None:
-        log(f"reusing existing preset {out_dir} (imported from {existing.get('source')})")
-        return existing
+        problems = damage(out_dir, existing)
+        if not problems:
+            log(f"reusing existing preset {out_dir} (imported from {existing.get('source')}, its files verified)")
+            return existing
+        logging.getLogger("gemma_pipeline").warning(
+            "the imported preset %s is not trusted, importing it again: %s", out_dir, "; ".join(problems))
+        if gguf_path is not None and Path(gguf_path).is_file() and existing.get("gguf_sha256") and \
+                storage.sha256_file(Path(gguf_path)) != existing["gguf_sha256"]:
+            log(f"note: the source {gguf_path} is not the file the damaged preset was imported from (sha256 differs)")
 
     started = time.monotonic()
     if gguf_path is None:
@@ -609,7 +620,9 @@ def import_gguf(out_dir: Path, gguf_path: Path | None = None, *, log: Log = prin
     theirs: list[dict] = []
 
     def finished_by_another(directory: Path) -> bool:
-        theirs.extend(m for m in [_read_manifest(directory)] if m is not None)
+        manifest = _read_manifest(directory)
+        if manifest is not None and not damage(directory, manifest):
+            theirs.append(manifest)
         return bool(theirs)
 
     with storage.publishing(out_dir, keep_existing=finished_by_another) as tmp_dir:
@@ -629,7 +642,7 @@ def import_gguf(out_dir: Path, gguf_path: Path | None = None, *, log: Log = prin
         log("hashing the GGUF for the manifest")
         manifest = {
             "source": str(gguf_path.resolve()),
-            "gguf_sha256": _sha256_file(gguf_path),
+            "gguf_sha256": storage.sha256_file(gguf_path),
             "gguf_name": _field_value(reader, "general.name"),
             "gguf_license": _field_value(reader, "general.license"),
             "architecture": architecture,
@@ -648,6 +661,8 @@ def import_gguf(out_dir: Path, gguf_path: Path | None = None, *, log: Log = prin
             "seconds": round(time.monotonic() - started, 1),
         }
         del reader
+        # What a later load verifies before trusting the preset (every file but this manifest).
+        manifest["files"] = storage.file_hashes(tmp_dir, exclude=(MANIFEST_NAME,))
         # Written last: its presence is what marks the directory as a finished import.
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
     if theirs:

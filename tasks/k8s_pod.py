@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.airflow_settings import RETRIES_DEFAULT
+
 # key -> (default, what it is). The README's settings table is this dict.
 SETTINGS: dict[str, tuple[str, str]] = {
     "image": ("gemma-lora-pipeline:0.1.0", "training image built from docker/Dockerfile (push it and name it with its registry)"),
@@ -47,7 +49,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "generate_timeout": ("", "minutes the generate task may run; empty: the DAG's 2 h"),
     "max_parallel_pods": ("4", "in a sweep: at most this many variants' pods of one stage run at the same time (max_active_tis_per_dag)"),
     "pool": ("default_pool", "Airflow pool the GPU tasks take a slot of (size a pool to your GPUs to bound all DAGs together)"),
-    "retries": ("1", "task retries (a GPU node can be preempted; a rerun skips finished work)"),
+    "retries": (RETRIES_DEFAULT, "task retries, local and pod tasks alike (a killed or preempted task resumes from its checkpoint; "
+                                 "bad input is not retried); [gemma] retry_delay_s (15) apart"),
     "on_finish_action": ("delete_pod", "delete_pod, delete_succeeded_pod, delete_active_pod or keep_pod (a kept pod that never started still holds its GPU)"),
     "allow_cpu": ("false", "let the stage continue on CPU when the pod sees no GPU"),
     "mlflow_tracking_uri": ("", "MLflow tracking server the stages log to (the pods get it as GEMMA_MLFLOW_TRACKING_URI); empty: "

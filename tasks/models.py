@@ -23,12 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from tasks import storage
+
 log = logging.getLogger("gemma_pipeline")
 
 GGUF_MODELS = {"gemma3-270m": "gemma3-270m-gguf"}
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(storage.PermanentError):
     """The model named by `model_preset` cannot be had; the message says why and what to do."""
 
 

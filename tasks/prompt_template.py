@@ -100,6 +100,11 @@ def text_stops(template: str) -> list[str]:
     return [END_OF_TURN] + (["\nInstruction:"] if check(template) == "tutorial" else [])
 
 
+def turn_tokens(template: str) -> list[str]:
+    """The special tokens the template's turns are made of (what `trainable_tokens: auto` trains)."""
+    return [START_OF_TURN, END_OF_TURN] if check(template) == "gemma_chat" else []
+
+
 def leaks(text: str, template: str) -> bool:
     """Whether an answer holds a new turn of the template (the model did not stop)."""
     return bool(_LEAKS[check(template)].search(text))

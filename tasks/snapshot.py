@@ -45,7 +45,7 @@ CHANGE_EXAMPLES = 5  # example ids per kind of change vs the previous snapshot
 REF_MARK = re.compile(r"\[(?:\d+|[a-z])\]")
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(storage.PermanentError):
     """The dataset could not be read; the message names the source, record and field."""
 
 
@@ -247,12 +247,6 @@ def content_sha256(records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_of(cfg: Config) -> tuple[str, Path | None]:
@@ -326,6 +320,32 @@ def diff(previous: list[dict], current: list[dict]) -> dict:
     }
 
 
+def store_problem(folder: Path, sha: str) -> str | None:
+    """Why the store's snapshot `folder` (content sha256 `sha`) cannot be used, or None: unfinished,
+    or its records.jsonl no longer what was published (a truncated or edited file is never reused)."""
+    done = folder / storage.SUCCESS
+    if not done.is_file():
+        return "it was never finished"
+    try:
+        recorded = storage.read_json(done)
+        records_file = folder / artifacts.RECORDS
+        if "records_sha256" in recorded:
+            ok = storage.sha256_file(records_file) == recorded["records_sha256"]
+        else:  # published before the file's own hash was recorded
+            ok = content_sha256(storage.read_jsonl(records_file)) == sha
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"it cannot be read ({type(exc).__name__}: {exc})"
+    return None if ok else f"its {artifacts.RECORDS} no longer matches the sha256 recorded when it was published"
+
+
+def publish_snapshot(target: Path, records_file: Path, manifest: dict, run: str) -> None:
+    with storage.publishing(target) as tmp:
+        shutil.copyfile(records_file, tmp / artifacts.RECORDS)
+        storage.write_json(tmp / artifacts.MANIFEST, {**manifest, "published_by_run": run})
+        storage.write_json(tmp / storage.SUCCESS, {"sha256": manifest["sha256"], "finished_at": time.time(),
+                                                   "records_sha256": storage.sha256_file(tmp / artifacts.RECORDS)})
+
+
 def refresh_store(store: Path, records_file: Path, records: list[dict], manifest: dict, run_dir: Path) -> dict:
     """Reuse the latest snapshot when the content is the same; else publish a new one and point
     LATEST.json at it. Returns what the run's manifest says about it."""
@@ -335,7 +355,14 @@ def refresh_store(store: Path, records_file: Path, records: list[dict], manifest
         storage.remove_stale_temps(store)
         latest_file = store / artifacts.STORE_LATEST
         latest = storage.read_json(latest_file) if latest_file.is_file() else None
+        problem = store_problem(store / latest["snapshot_id"], latest["sha256"]) if latest else None
+        if problem:
+            log.warning("snapshot: the store's latest snapshot %s is not reused: %s; publishing this content anew",
+                        latest["snapshot_id"], problem)
         if latest and latest["sha256"] == sha:
+            if problem:
+                # Same content as the latest: republish the damaged folder, the content did not change.
+                publish_snapshot(store / latest["snapshot_id"], records_file, manifest, run)
             if latest["updated_by_run"] == run:
                 # This run published it and then died before its own stage was published: a retry
                 # must still report "changed", or the Asset event would be lost.
@@ -350,19 +377,20 @@ def refresh_store(store: Path, records_file: Path, records: list[dict], manifest
             }
         snapshot_id = sha[:16]
         previous_id = latest["snapshot_id"] if latest else None
-        if previous_id and not (store / previous_id / storage.SUCCESS).is_file():
-            # Someone pruned the store: nothing to compare with, so count this one as the first.
-            log.warning("snapshot: previous snapshot %s is gone from %s; not comparing", previous_id, store)
+        if previous_id and problem:
+            # Pruned or damaged: nothing trustworthy to compare with, so count this one as the first.
+            log.warning("snapshot: previous snapshot %s in %s is unusable (%s); not comparing", previous_id, store, problem)
             previous_id = None
         previous = storage.read_jsonl(store / previous_id / artifacts.RECORDS) if previous_id else []
         changes = diff(previous, records)
         target = store / snapshot_id
-        if not (target / storage.SUCCESS).is_file():  # else: this content was published before (A -> B -> A)
-            # A folder there without _SUCCESS was never read: the new one replaces it.
-            with storage.publishing(target) as tmp:
-                shutil.copyfile(records_file, tmp / artifacts.RECORDS)
-                storage.write_json(tmp / artifacts.MANIFEST, {**manifest, "published_by_run": run})
-                storage.write_json(tmp / storage.SUCCESS, {"sha256": sha, "finished_at": time.time()})
+        # Content published before (A -> B -> A) is reused only while intact; an unfinished or damaged
+        # folder there is replaced whole.
+        damaged = store_problem(target, sha)
+        if damaged:
+            if target.exists():
+                log.warning("snapshot: replacing %s in the store: %s", target, damaged)
+            publish_snapshot(target, records_file, manifest, run)
         # LATEST.json last, replaced in one rename: readers see the old or the new pointer, whole.
         storage.write_json(
             latest_file,
@@ -390,7 +418,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     checked = preflight.check(cfg)
     kind, path = source_of(cfg)
     # A local file is identified by its bytes; a hub snapshot by the pinned revision.
-    ident = file_sha256(path) if path else f"{cfg.dataset_hub_id}@{cfg.dataset_revision}"
+    ident = storage.sha256_file(path) if path else f"{cfg.dataset_hub_id}@{cfg.dataset_revision}"
     store = artifacts.snapshot_store(run_dir, cfg.dataset_hub_id)
 
     def body(out: Path) -> dict:

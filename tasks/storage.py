@@ -12,7 +12,9 @@ returns the recorded result.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -29,8 +31,71 @@ SUCCESS = "_SUCCESS"
 _TEMP_KINDS = ("tmp", "old")
 
 
-class StageInputError(RuntimeError):
+class PermanentError(RuntimeError):
+    """An error a retry of the task would only repeat (bad input, a missing upstream stage, a full
+    disk, an unusable model source): Airflow fails the task at once instead of retrying it. Bad
+    configuration and bad data raise ValueErrors, which count as permanent too (NOT_RETRIED)."""
+
+
+class StageInputError(PermanentError):
     """An upstream stage's outputs are missing or incomplete."""
+
+
+class DiskFullError(PermanentError):
+    """A publish ran out of disk space (ENOSPC, or a quota): names where, and what is left."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(message)
+        self.cause = cause
+
+
+def _disk_full(final: Path, exc: OSError) -> DiskFullError:
+    where = final.parent
+    try:
+        stat = shutil.disk_usage(where)
+        free = f"{stat.free / 2**20:.1f} MiB free of {stat.total / 2**20:.0f} MiB"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"the disk is full: publishing {final} failed ({exc.strerror}: {exc.filename or where}); {free} on the "
+        f"filesystem of {where}. The previously published outputs are intact and the temp folder is removed: "
+        f"free some space there (or point the run root elsewhere) and retry", exc,
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(4 * 1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `directory` (but `exclude`d names)."""
+    directory = Path(directory)
+    return {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in exclude
+    }
+
+
+def hash_problems(directory: Path, recorded: dict[str, dict]) -> list[str]:
+    """What differs between the files under `directory` and their `file_hashes` record: one line per
+    missing, truncated or changed file (empty when all match)."""
+    problems = []
+    for rel, want in sorted(recorded.items()):
+        p = Path(directory) / rel
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{p} has {p.stat().st_size} bytes, {want['bytes']} were written")
+        elif sha256_file(p) != want["sha256"]:
+            problems.append(f"{p} changed since it was written (sha256 differs)")
+    return problems
+
+
+NOT_RETRIED = (PermanentError, ValueError)
 
 
 def temp_path(final: Path, kind: str = "tmp") -> Path:
@@ -50,7 +115,8 @@ def publishing(final: Path, *, directory: bool = True, keep_existing: Callable[[
     """Build `final` under its temp name, then publish it with one rename.
 
     Yields the temp path (an empty folder, or with directory=False a file path not yet created).
-    When the block raises, the temp is removed and `final` is left as it was. A published folder is
+    When the block raises, the temp is removed and `final` is left as it was; a full disk (ENOSPC)
+    becomes a DiskFullError that says where and how much is free. A published folder is
     replaced by moving it aside first (os.rename cannot replace a non-empty folder). With
     `keep_existing`, a `final` for which it returns True is kept and the new build dropped (another
     process finished the same work first).
@@ -73,6 +139,15 @@ def publishing(final: Path, *, directory: bool = True, keep_existing: Callable[[
             _remove(old)
         else:
             os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(final, exc) from exc
+        raise
+    except DiskFullError as exc:
+        # From a file published inside this folder: name the folder (the outermost publish wins).
+        _remove(tmp)
+        raise _disk_full(final, exc.cause) from exc.cause
     except BaseException:
         _remove(tmp)
         raise

@@ -300,18 +300,14 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def enable_lora(lm, rank: int) -> None:
-    """LoRA on, once: its B matrices start at zero (Keras's init), so until training the model
-    computes exactly what the base model does."""
-    if not any(getattr(layer, "lora_enabled", False) for layer in lm.backbone._flatten_layers()):
-        lm.backbone.enable_lora(rank=rank)
-
-
 def prepare(lm, cfg: Config, engine: dict):
-    """LoRA on, the optimizer built and the model that trains compiled for the engine: (trainer,
-    optimizer, what was compiled). The trainer is `lm` in tutorial mode and its LossPositions in
-    fast mode; either way it trains `lm`'s own variables."""
-    enable_lora(lm, cfg.lora_rank)
+    """LoRA on (tasks.adapter; the token rows too if the caller enabled them), the optimizer built
+    and the model that trains compiled for the engine: (trainer, optimizer, what was compiled). The
+    trainer is `lm` in tutorial mode and its LossPositions in fast mode; either way it trains
+    `lm`'s own variables."""
+    from tasks import adapter
+
+    adapter.enable(lm, cfg.lora_rank)
     optimizer = build_optimizer(cfg)
     trainer = loss_positions_model(lm) if cfg.train_mode == "fast" else lm
     compiled = compile_for_training(trainer, cfg, optimizer, engine)

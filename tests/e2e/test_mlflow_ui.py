@@ -15,7 +15,8 @@ import pytest
 
 from tasks import tracking
 from tasks.config import load_config
-from tests.e2e.test_ui_browser import CHROMEDRIVER, CHROMIUM, free_port
+from tests.e2e.airflow_api import free_port
+from tests.e2e.test_ui_browser import CHROMEDRIVER, CHROMIUM
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 

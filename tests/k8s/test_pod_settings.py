@@ -33,7 +33,7 @@ def test_defaults():
     assert s.limits == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
     assert s.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert s.node_selector == {} and s.pvc == "gemma-runs" and s.kaggle_secret == "kaggle-credentials"
-    assert (s.startup_timeout, s.retries, s.on_finish_action, s.allow_cpu) == (900, 1, "delete_pod", False)
+    assert (s.startup_timeout, s.retries, s.on_finish_action, s.allow_cpu) == (900, 2, "delete_pod", False)
     assert s.timeouts == {}
 
 

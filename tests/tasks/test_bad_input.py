@@ -193,6 +193,31 @@ def test_first_task_rejects_what_the_schema_cannot_naming_the_param(dag, tmp_pat
     assert not (tmp_path / "runs").exists()  # stopped before reading or writing anything
 
 
+def test_bad_input_fails_the_task_at_once_and_a_crash_is_retried(dag, tmp_path, monkeypatch):
+    """Every task gets the default retries (a killed task resumes); an error a retry would only repeat
+    fails the task without them (AirflowFailException), anything else stays retryable."""
+    import importlib.util
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert {t.retries for t in dag.tasks} == {2}
+    spec = importlib.util.spec_from_file_location("gemma_dag_under_test", REPO / "dags" / "gemma_lora_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bad = stage_argv("snapshot", "tiny_test", str(tmp_path / "runs" / "r1"), {"model_preset": "gemma_99b_en"})
+    monkeypatch.setattr(module, "argv_for", lambda stage, spec=None: bad)
+    with pytest.raises(AirflowFailException, match="ModelSourceError: model_preset 'gemma_99b_en'"):
+        module.run_locally("snapshot")
+    monkeypatch.setattr(module, "argv_for", lambda stage, spec=None: ["--config", "tiny_test", "--run-dir",
+                                                                      str(tmp_path / "r2"), "--set", "lora_rank=0"])
+    with pytest.raises(AirflowFailException, match="exited 2"):
+        module.run_locally("snapshot")
+    monkeypatch.setattr(snapshot, "run", lambda *a: (_ for _ in ()).throw(MemoryError("killed")))
+    monkeypatch.setattr(module, "argv_for", lambda stage, spec=None: ["--config", "tiny_test", "--run-dir", str(tmp_path / "r3")])
+    with pytest.raises(MemoryError):  # not one of NOT_RETRIED: Airflow retries it
+        module.run_locally("snapshot")
+
+
 def test_cli_rejects_a_bad_setting_naming_it(tmp_path):
     with pytest.raises(SystemExit) as e:
         snapshot.main(["--config", "tiny_test", "--run-dir", str(tmp_path / "r1"), "--set", "bad_record_policy=ignore"])

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from tasks import artifacts, preprocess, snapshot
 from tasks.config import load_config
@@ -39,7 +40,11 @@ def lora_weights(path):
     return out
 
 
-def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("damage", [None, "truncate the newest checkpoint"])
+def test_killed_finetune_resumes_from_its_checkpoint(tmp_path, damage):
+    """A kill (a preempted pod) then a retry: it resumes from the newest checkpoint, or, when that one
+    was damaged after it was written, from the one before it; either way it ends where an
+    uninterrupted run does."""
     killed, clean = tmp_path / "runs" / "killed", tmp_path / "runs" / "clean"
     prepare(killed)
     prepare(clean)
@@ -60,9 +65,21 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     assert not (killed / "finetune").exists()
     assert (killed / "preprocess" / "_SUCCESS").is_file()
 
+    resume_at = killed_at
+    if damage:
+        newest = artifacts.checkpoint_dir(killed) / json.loads(latest.read_text())["dir"]
+        adapter_file = newest / artifacts.ADAPTER
+        adapter_file.write_bytes(adapter_file.read_bytes()[: adapter_file.stat().st_size // 2])
+        resume_at = killed_at - int(SETTINGS["checkpoint_every_steps"])
+
     retry = subprocess.run(argv(killed), capture_output=True, text=True, timeout=600)
     assert retry.returncode == 0, retry.stderr[-3000:]
-    assert f"RESUMING from the checkpoint at step {killed_at}/{TOTAL_STEPS}" in retry.stderr
+    assert f"RESUMING from the checkpoint at step {resume_at}/{TOTAL_STEPS}" in retry.stderr
+    assert "Traceback" not in retry.stderr
+    if damage:
+        assert f"checkpoint {newest} is unusable" in retry.stderr and "bytes" in retry.stderr
+        assert f"resuming from the previous checkpoint, step-{resume_at:07d}" in retry.stderr
+        killed_at = resume_at
     result = artifacts.read_finetune_result(killed)
     history = artifacts.read_history(killed)
     assert result["steps"] == TOTAL_STEPS and result["resumed_from_step"] == killed_at
@@ -80,13 +97,22 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in clean_history], atol=1e-3)
 
 
-def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path):
+def test_checkpoints_of_other_inputs_or_unreadable_are_not_resumed(tmp_path):
+    """Another run's checkpoint is ignored; one whose state cannot be read is removed; with none left
+    the run starts over, says so, and never shows a traceback."""
     run_dir = tmp_path / "runs" / "r"
     prepare(run_dir)
     ckpt = artifacts.checkpoint_dir(run_dir)
-    ckpt.mkdir()
-    (ckpt / "latest.json").write_text(json.dumps({"dir": "step-0000004", "step": 4, "fingerprint": "other-inputs"}))
+    (ckpt / "step-0000004").mkdir(parents=True)
+    (ckpt / "step-0000004" / "state.json").write_text(json.dumps({"step": 4, "fingerprint": "other-inputs"}))
+    (ckpt / "step-0000008").mkdir()
+    (ckpt / "step-0000008" / "state.json").write_text('{"step": 8, "fingerp')  # truncated
+    (ckpt / "latest.json").write_text(json.dumps({"dir": "step-0000008", "step": 8, "fingerprint": "x"}))
     out = subprocess.run(argv(run_dir), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "ignoring checkpoints" in out.stderr and "RESUMING" not in out.stderr
-    assert artifacts.read_finetune_result(run_dir)["resumed_from_step"] is None
+    assert "ignoring checkpoint" in out.stderr and "RESUMING" not in out.stderr and "Traceback" not in out.stderr
+    assert "step-0000008 is unusable, removing it: state.json cannot be read" in out.stderr
+    assert "no usable checkpoint left (step-0000008 unusable): starting over from step 0" in out.stderr
+    result = artifacts.read_finetune_result(run_dir)
+    assert result["resumed_from_step"] is None and result["checkpoints_skipped"] == ["step-0000008"]
+    assert result["steps"] == TOTAL_STEPS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -545,3 +546,75 @@ def test_real_response_perplexity(real_lm):
     # bound leaves ~35% for numeric and library drift. The lower bound catches scoring bugs that
     # let the model see the token it predicts (perplexity near 1).
     assert 5.0 < ppl < 15.0, ppl
+
+
+# --------------------------------------------------------------------------------------------
+# A damaged or concurrently built preset
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_of(synthetic, tmp_path) -> Path:
+    out = tmp_path / "presets" / "tiny-gemma3"
+    shutil.copytree(synthetic["out_dir"], out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_preset_is_detected_and_imported_again(synthetic, tmp_path, caplog, damage):
+    """The manifest records every file's size and sha256; a truncated file, or one edited in place
+    (same size), is found on the next load, named in a warning, and the preset is imported again."""
+    out = _copy_of(synthetic, tmp_path)
+    assert set(synthetic["manifest"]["files"]) >= {"config.json", "model.weights.h5", "tokenizer.json"}
+    weights = out / "model.weights.h5"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    assert gi.damage(out, gi._read_manifest(out))
+    messages: list[str] = []
+    with caplog.at_level("WARNING", logger="gemma_pipeline"):
+        manifest = import_gguf(out, synthetic["gguf_path"], log=messages.append)
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert f"the imported preset {out} is not trusted, importing it again" in warning
+    assert str(weights) in warning and ("bytes" in warning if damage == "truncate" else "sha256 differs" in warning)
+    assert any("dequantized" in m for m in messages)  # really imported again
+    assert gi.damage(out, manifest) == [] and weights.stat().st_size == (synthetic["out_dir"] / "model.weights.h5").stat().st_size
+    import keras_hub
+
+    lm = keras_hub.models.CausalLM.from_preset(str(out))
+    np.testing.assert_array_equal(np.asarray(lm.backbone.token_embedding.embeddings.numpy()), synthetic["values"]["token_embd.weight"])
+    assert not list(out.parent.glob(".*.tmp-*")) and not list(out.parent.glob(".*.old-*"))
+
+
+def test_a_damaged_preset_with_a_bad_source_stops_with_a_clear_error(synthetic, tmp_path):
+    out = _copy_of(synthetic, tmp_path)
+    (out / "config.json").write_text("{}")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(gi.GGUFImportError, match="bad.gguf is not a readable GGUF file"):
+        import_gguf(out, bad, log=_quiet)
+    # The damaged preset is still detected next time: nothing half-built replaced it.
+    assert gi.damage(out, gi._read_manifest(out))
+
+
+def test_two_processes_importing_at_once_give_one_correct_preset(synthetic, tmp_path):
+    """A sweep on a fresh machine: two stages import the same model at the same moment. Each builds in
+    its own temp folder; the first to publish wins and the other keeps it."""
+    out = tmp_path / "presets" / "tiny-gemma3"
+    code = ("import sys; from pathlib import Path; from tasks.gguf_import import import_gguf\n"
+            "m = import_gguf(Path(sys.argv[1]), Path(sys.argv[2]), log=lambda s: print(s, flush=True))\n"
+            "print('SHA', m['files']['model.weights.h5']['sha256'])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(synthetic["gguf_path"])], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outputs]
+    shas = {line.split()[1] for o, _ in outputs for line in o.splitlines() if line.startswith("SHA ")}
+    manifest = gi._read_manifest(out)
+    assert shas == {manifest["files"]["model.weights.h5"]["sha256"]}  # both returned the published one
+    assert gi.damage(out, manifest) == []
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-gemma3"]  # no temps left
+    import keras_hub
+
+    assert keras_hub.models.CausalLM.from_preset(str(out)).backbone.count_params() == manifest["parameter_count"]

@@ -46,14 +46,17 @@ def test_bucketed_scores_equal_full_width_scores(preset, xla, tmp_path):
 
 
 def test_lora_enabled_at_zero_scores_exactly_as_the_base(tmp_path):
-    """finetune enables LoRA before scoring the base model (one traced scorer for both): the B
-    matrices start at zero, so the base scores are the base model's, to the last digit."""
-    from tasks import training
+    """finetune enables LoRA (and the chat template's token rows) before scoring the base model
+    (one traced scorer for both): the B matrices and rows start at zero, so the base scores are the
+    base model's, to the last digit."""
+    from tasks import adapter
 
     lm = load_causal_lm("tiny:gemma3", str(tmp_path / "models"), 64)
     rows = [{"prompt": instruction_prompt(f"Name {k} fruits.", "tutorial"), "text": example(f"Name {k} fruits.", "apple " * k, "tutorial")}
             for k in range(1, 7)]
     before = score_heldout(lm, rows, 64, batch_size=4)
-    training.enable_lora(lm, 4)
-    training.enable_lora(lm, 4)  # once only
+    ids = adapter.template_token_ids(lm.preprocessor.tokenizer, "gemma_chat", "auto")
+    assert len(ids) == 2
+    adapter.enable(lm, 4, ids)
+    adapter.enable(lm, 4, ids)  # once only
     assert score_heldout(lm, rows, 64, batch_size=4) == before

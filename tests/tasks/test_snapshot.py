@@ -264,6 +264,41 @@ def test_retry_after_the_store_was_updated_still_reports_the_change(tmp_path):
     assert snapshot.run(cfg_for(src), runs / "r2")["changed"] is False  # another run: unchanged
 
 
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_snapshot_in_the_store_is_never_reused(tmp_path, caplog, damage):
+    """The store records each snapshot's records.jsonl sha256; a truncated or edited file is detected,
+    named, and published again from the source, both as the latest (same content: still unchanged)
+    and as content seen before (A -> B -> A)."""
+    lines = BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(lines[:30]))
+    b.write_text("".join(lines[:31]))
+    runs = tmp_path / "runs"
+    store = store_of(runs)
+    first = snapshot.run(cfg_for(a), runs / "r1")
+    good = (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes()
+
+    def spoil():
+        path = store / first["snapshot_id"] / artifacts.RECORDS
+        path.write_bytes(good[: len(good) // 2] if damage == "truncate" else good.replace(b"a", b"e", 1))
+
+    spoil()
+    with caplog.at_level("WARNING", logger="gemma_pipeline"):
+        again = snapshot.run(cfg_for(a), runs / "r2")
+    assert f"latest snapshot {first['snapshot_id']} is not reused: its records.jsonl no longer matches" in caplog.text
+    assert again["changed"] is False and again["snapshot_id"] == first["snapshot_id"]
+    assert (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes() == good
+
+    snapshot.run(cfg_for(b), runs / "r3")
+    spoil()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gemma_pipeline"):
+        back = snapshot.run(cfg_for(a), runs / "r4")
+    assert f"replacing {store / first['snapshot_id']} in the store: its records.jsonl no longer matches" in caplog.text
+    assert back["changed"] and back["snapshot_id"] == first["snapshot_id"] and back["rows_removed"] == 1
+    assert (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes() == good
+
+
 def test_manifest_records_preflight_and_validation(tmp_path):
     snapshot.run(load_config("tiny_test"), tmp_path / "runs" / "r1")
     m = manifest_of(tmp_path / "runs" / "r1")

@@ -29,10 +29,14 @@ def test_a_failure_leaves_the_published_version_and_no_temp(tmp_path):
     final = tmp_path / "stage"
     with storage.publishing(final) as tmp:
         (tmp / "a.txt").write_text("old")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(storage.DiskFullError, match=f"the disk is full: publishing {final} failed"):
         with storage.publishing(final) as tmp:
             (tmp / "a.txt").write_text("half")
             raise OSError(28, "No space left on device")
+    assert (final / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+    with pytest.raises(PermissionError):  # any other OSError stays itself, the temp removed all the same
+        with storage.publishing(final) as tmp:
+            raise PermissionError(13, "Permission denied", str(tmp / "a.txt"))
     assert (final / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
 
 
