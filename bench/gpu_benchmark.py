@@ -11,6 +11,10 @@ bucketing behave as on the real data. It runs:
    real and padded tokens/s, step time after warm-up, peak GPU memory, MFU;
 2. batched greedy generation of a 26-prompt suite-sized workload to max_length, batch 1 vs batch N.
 
+With `--replicas N` training runs data parallel over the first N GPUs (the pipeline's
+`data_parallel: auto`, tf.distribute.MirroredStrategy) at the same global batch; run 1, 2, 4 ... and
+compare real tokens/s for the scaling (`--name` keeps the files apart).
+
 Writes bench/results/gpu-<device>.json and prints a one-line summary. `--shape tiny --allow-cpu`
 runs the same code on a tiny model on a CPU (a smoke test of the script, not a benchmark).
 """
@@ -48,6 +52,9 @@ def parse_args(argv=None):
     ap.add_argument("--gen-prompts", type=int, default=26)
     ap.add_argument("--gen-batch-size", type=int, default=8)
     ap.add_argument("--gen-max-length", type=int, default=256)
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="train data parallel on this many GPUs (the first N; batch-size must be a multiple): run 1, 2, 4 ... "
+                         "and compare real tokens/s for the scaling")
     ap.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test only)")
     ap.add_argument("--name", default=None, help="results file name (default gpu-<device>)")
     ap.add_argument("--out", default=None)
@@ -113,12 +120,18 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
 
     n = args.steps * args.batch_size
     cfg = load_config("gemma_2b_lora", {"train_mode": mode, "batch_size": str(args.batch_size),
-                                         "sequence_length": str(args.sequence_length), "num_examples": str(n)})
+                                         "sequence_length": str(args.sequence_length), "num_examples": str(n),
+                                         "data_parallel": "auto" if args.replicas > 1 else "off"})
     engine = training.engine_for(cfg)
+    if args.replicas > 1 and len(engine["devices"]) != args.replicas:
+        sys.exit(f"--replicas {args.replicas}: training would use {len(engine['devices'])} devices "
+                 f"({engine['devices']}); batch-size {args.batch_size} must be a multiple of it")
     policy = engine["dtype_policy"]
     keras.utils.set_random_seed(cfg.training_seed)
     keras.backend.clear_session()
     reset_gpu_peak()
+    scope = training.strategy(engine).scope()
+    scope.__enter__()
     t = time.time()
     lm = build_lm(shape, policy)
     build_s = time.time() - t
@@ -126,7 +139,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     trainer, optimizer, compiled = training.prepare(lm, cfg, engine)
     trainable = int(sum(int(w.numpy().size) for w in lm.backbone.trainable_weights))
     plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
-    fed = training.rows_fed(plan, cfg)
+    fed = training.rows_fed(plan, cfg, engine)
     times: list[float] = []
 
     class Timer(keras.callbacks.Callback):
@@ -138,6 +151,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
 
     print(f"[gpu-bench] {mode}: {len(plan)} steps, policy {policy}, XLA {compiled['jit_compile']}", file=sys.stderr, flush=True)
     train_s = training.fit(trainer, lm, enc, plan, cfg, [Timer()], engine=engine)
+    scope.__exit__(None, None, None)
     real = [sum(int(enc["real_tokens"][i]) for i in s.rows) for s in plan]
     padded = [f * s.width for f, s in zip(fed, plan)]
     # Warm-up: under XLA the first step of each width (a compilation); a TF graph traces once.
@@ -154,7 +168,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     peak = common.peak_tflops(device, dtype) if on_gpu else None
     steady_flops = flops["flops_per_token"] * sum(real[k] for k in steady)
     out = {
-        "dtype_policy": policy, **compiled,
+        "dtype_policy": policy, **compiled, "replicas": max(len(engine["devices"]), 1), "devices": engine["devices"],
         "parameters": params, "trainable_parameters": trainable,
         "steps": len(plan), "examples": n, "widths": sorted({s.width for s in plan}),
         "build_s": round(build_s, 1), "train_wall_s": round(train_s, 2),
@@ -220,6 +234,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.quiet_tensorflow()
     import keras
+    import tensorflow as tf
+
+    if args.replicas > 1:
+        # Only the first N GPUs, set before TensorFlow initialises them: data_parallel auto takes all it sees.
+        gpus = tf.config.list_physical_devices("GPU")
+        if len(gpus) < args.replicas:
+            sys.exit(f"--replicas {args.replicas}: TensorFlow sees {len(gpus)} GPU(s)")
+        tf.config.set_visible_devices(gpus[: args.replicas], "GPU")
 
     env = common.environment("dedicated GPU machine" if not args.allow_cpu else "CPU smoke test")
     on_gpu = bool(env["gpus"])

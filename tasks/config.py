@@ -140,6 +140,10 @@ class Config:
         "tutorial",
         "tutorial: pad every example to sequence_length (the Keras tutorial); fast: length-bucketed batches, XLA on GPUs, bf16 where native (bench/README.md)",
         stages=(FINETUNE,), choices=("tutorial", "fast"), variant=True, param=True)
+    data_parallel: str = key(
+        "auto", "auto: train on every GPU the stage sees (tf.distribute.MirroredStrategy; the global batch stays "
+        "batch_size, so use a multiple of the GPU count); off: one device", stages=(), choices=("auto", "off"),
+        no_outputs="the same recipe on N devices trains to the same adapter")
     bucket_multiple: int = key(16, "fast mode: batch widths are multiples of this many tokens (capped at sequence_length)",
                                stages=(FINETUNE,), range=(1, 8192), variant=True)
     # Every width is one more XLA compilation; graph mode (CPU) is not limited.

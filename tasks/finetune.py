@@ -105,7 +105,7 @@ def train(s: Session, base_scores: dict) -> Trained:
     trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
     total = len(plan)
     orders = plan_orders(plan, len(s.train))
-    fed = training.rows_fed(plan, cfg)
+    fed = training.rows_fed(plan, cfg, s.engine)
     widths = [step.width for step in plan]
     history: list[dict] = []
     start = 0
@@ -149,7 +149,7 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
     cfg, plan = s.cfg, s.plan
     adapter.save(s.lm, out / artifacts.ADAPTER)
     total = len(plan)
-    fed = training.rows_fed(plan, cfg)
+    fed = training.rows_fed(plan, cfg, s.engine)
     widths = [step.width for step in plan]
     real_tokens = int(s.enc["real_tokens"].sum()) * cfg.epochs
     # Token positions computed (rows fed x width), the padding included.
@@ -179,6 +179,9 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
             **t.compiled,
             "dtype_policy": s.engine["dtype_policy"],
             "max_widths": s.engine["max_widths"],
+            # Data parallel: the devices the batch was split over (1 replica: one device).
+            "replicas": max(len(s.engine["devices"]), 1),
+            "devices": s.engine["devices"],
             "widths": dict(sorted(collections.Counter(widths).items())),
         },
         "heldout_base": base_scores,
@@ -200,12 +203,18 @@ def tune(cfg: Config, run_dir: Path, out: Path, fp: str) -> dict:
     import keras
 
     engine = training.engine_for(cfg)
+    if engine["devices"]:
+        log.info("finetune: data parallel over %d devices (%s): global batch %d, %d per device",
+                 len(engine["devices"]), ", ".join(engine["devices"]), cfg.batch_size, cfg.batch_size // len(engine["devices"]))
+    # The model, LoRA and the optimizer are built inside the strategy's scope (mirrored variables);
+    # held-out scoring reads them on one device.
     with training.dtype_policy(engine["dtype_policy"]):
-        s = setup(cfg, run_dir, engine, fp)
-        base_scores = score_base(s)
-        trained = train(s, base_scores)
-        tuned_scores = score_tuned(s)
-        result = save(s, trained, base_scores, tuned_scores, out)
+        with training.strategy(engine).scope():
+            s = setup(cfg, run_dir, engine, fp)
+            base_scores = score_base(s)
+            trained = train(s, base_scores)
+            tuned_scores = score_tuned(s)
+            result = save(s, trained, base_scores, tuned_scores, out)
         keras.backend.clear_session()
     return {"adapter": str(artifacts.adapter_path(run_dir)), **result}
 

@@ -19,7 +19,10 @@ GREEDY_TOKENS = 16
 # the first token (seen on a demo champion), so it is held to the tuned model's tokens being among
 # its top TOP_K at every position of the greedy reference, fed the reference (teacher-forced).
 TOP_K = 5
-TOLERANCE = {"keras_logits": 1e-5, "hf_logprobs": 1e-3, "f16_same_tokens": 8, "q8_0_in_top_k": GREEDY_TOKENS}
+# keras: float32 rounding, relative to the largest logit. The merged LoRA kernels give exactly the
+# tuned model's logits; merged token rows (tasks.adapter) differ in those tokens' columns by the
+# rounding of one dot product computed in another order (~1e-6 of the logit).
+TOLERANCE = {"keras_logits_relative": 1e-5, "hf_logprobs": 1e-3, "f16_same_tokens": 8, "q8_0_in_top_k": GREEDY_TOKENS}
 
 
 def reference_ids(lm, texts: list[str]) -> list[list[int]]:
@@ -90,8 +93,9 @@ def check_keras(ref: dict, preset_dir: Path) -> dict:
 
     loaded = keras_logits_fn(keras_hub.models.CausalLM.from_preset(str(preset_dir)))
     diff = max(float(np.abs(loaded(i) - x).max()) for i, x in zip(ref["ids"], ref["logits"]))
+    scale = max(1.0, max(float(np.abs(x).max()) for x in ref["logits"]))
     return {"checked": True, "runtime": f"keras-hub {keras_hub.__version__}", "max_abs_logit_diff": diff,
-            "passed": diff <= TOLERANCE["keras_logits"]}
+            "max_abs_logit": scale, "passed": diff <= TOLERANCE["keras_logits_relative"] * scale}
 
 
 def check_hf(ref: dict, hf_dir: Path) -> dict:

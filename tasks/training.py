@@ -74,7 +74,8 @@ def engine_for(cfg: Config) -> dict:
     with `cpu_engine: graph` a plain TensorFlow graph, which Keras traces once for batches of any
     width (the dataset's width is None), so every batch takes the next multiple of
     `bucket_multiple` (max_widths 0 = no limit). Mixed bfloat16: see the config key
-    mixed_precision. A resumed run resumes only a checkpoint made with the same engine.
+    mixed_precision. Data parallel (`replica_devices`) runs as graphs. A resumed run resumes only a
+    checkpoint made with the same engine (the number of devices aside).
     """
     if cfg.train_mode == "fast":
         gpu = has_gpu()
@@ -87,7 +88,47 @@ def engine_for(cfg: Config) -> dict:
         policy = "mixed_bfloat16"
     else:
         policy = "float32"
-    return {"jit_compile": xla, "dtype_policy": policy, "max_widths": max_widths}
+    devices = replica_devices(cfg)
+    if devices:
+        # Data parallel runs as TensorFlow graphs (any batch width): XLA-compiled steps under
+        # MirroredStrategy failed here, reading a variable of one replica from another's device.
+        xla, max_widths = False, 0 if cfg.train_mode == "fast" else 1
+    return {"jit_compile": xla, "dtype_policy": policy, "max_widths": max_widths, "devices": devices}
+
+
+def replica_devices(cfg: Config) -> list[str]:
+    """The devices training is split over (data parallel, tf.distribute.MirroredStrategy), or [] for
+    one device. `data_parallel: auto` takes every GPU when there are two or more, else every logical
+    CPU device when TensorFlow was configured with several (tests do that); `off` takes one. The
+    global batch stays `batch_size`, so the replicas must divide it: when they do not, as many as
+    do are used, and the log says so (the seed's batch_size 1 trains on one GPU)."""
+    import tensorflow as tf
+
+    if cfg.data_parallel == "off":
+        return []
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < 2:
+        return []
+    n = max(k for k in range(1, len(devices) + 1) if cfg.batch_size % k == 0)
+    if n < len(devices):
+        log.warning("finetune: data_parallel: batch_size %d is not a multiple of the %d devices; training on %d of them "
+                    "(make batch_size a multiple of %d to use all)", cfg.batch_size, len(devices), n, len(devices))
+    return devices[:n] if n > 1 else []
+
+
+def strategy(engine: dict):
+    """The tf.distribute strategy for the engine's devices: MirroredStrategy over them (build the model,
+    LoRA and the optimizer inside its scope), or the default one-device strategy."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(engine["devices"]) if engine.get("devices") else tf.distribute.get_strategy()
+
+
+def fills_batches(cfg: Config, engine: dict | None = None) -> bool:
+    """Whether every step is fed as a full batch of batch_size rows (a short batch filled with rows at
+    weight 0) under the padded-batch loss: fast mode always; tutorial mode too when data parallel,
+    so each replica gets an equal share and the loss is still the tutorial's."""
+    return cfg.train_mode == "fast" or bool((engine or {}).get("devices"))
 
 
 def dtype_policy_for(cfg: Config) -> str:
@@ -109,9 +150,9 @@ def train_plan(lengths: list[int], cfg: Config, max_widths: int | None = None) -
     )
 
 
-def rows_fed(steps: list[Step], cfg: Config) -> list[int]:
-    """Rows per step as Keras sees them: fast mode fills a short batch up to batch_size."""
-    return [cfg.batch_size if cfg.train_mode == "fast" else len(s.rows) for s in steps]
+def rows_fed(steps: list[Step], cfg: Config, engine: dict | None = None) -> list[int]:
+    """Rows per step as Keras sees them: a short batch is filled up to batch_size (fills_batches)."""
+    return [cfg.batch_size if fills_batches(cfg, engine) else len(s.rows) for s in steps]
 
 
 def build_optimizer(cfg: Config):
@@ -127,7 +168,7 @@ def compile_for_training(lm, cfg: Config, optimizer, engine: dict | None = None)
     import keras
 
     engine = engine or engine_for(cfg)
-    if cfg.train_mode == "fast":
+    if fills_batches(cfg, engine):
         loss = padded_batch_loss(cfg.batch_size, cfg.sequence_length)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -159,23 +200,38 @@ def padded_batch_loss(batch_size: int, sequence_length: int):
     return PaddedBatchLoss()
 
 
-def gather_sizes(enc: dict, plan: list[Step], cfg: Config) -> dict[int, int]:
+def gather_sizes(enc: dict, plan: list[Step], cfg: Config, per_row: bool = False) -> dict[int, int]:
     """Fast mode under XLA: how many loss positions each batch width's steps are padded to (the most
-    any of its steps has, rounded up to bucket_multiple), so a width stays one compiled shape."""
+    any of its steps has, or with `per_row` any of its rows, rounded up to bucket_multiple), so a
+    width stays one compiled shape."""
     sizes: dict[int, int] = {}
     for step in plan:
         _, _, w = step_arrays(enc, step, cfg.batch_size)
-        sizes[step.width] = max(sizes.get(step.width, 1), int((w > 0).sum()))
+        n = int((w > 0).sum(axis=1).max()) if per_row else int((w > 0).sum())
+        sizes[step.width] = max(sizes.get(step.width, 1), n)
     m = cfg.bucket_multiple
-    return {width: min(-(-n // m) * m, cfg.batch_size * width) for width, n in sizes.items()}
+    return {width: min(-(-n // m) * m, (1 if per_row else cfg.batch_size) * width) for width, n in sizes.items()}
 
 
-def gathered(x: dict, y, w, size: int | None = None):
-    """A step's arrays with the labels and weights of its loss positions only, flattened (row-major
-    over batch x width), and the positions themselves as input `positions`; padded to `size` with
-    position 0 at weight 0."""
+def gathered(x: dict, y, w, size: int | None = None, per_row: bool = False):
+    """A step's arrays with the labels and weights of its loss positions only, and the positions
+    themselves as input `positions`; padded to `size` with position 0 at weight 0. Flat (row-major
+    over batch x width) by default; with `per_row` (data parallel: the batch is split across
+    replicas row by row) one list per row, of positions within the row."""
     import numpy as np
 
+    if per_row:
+        counts = (w > 0).sum(axis=1)
+        if size is not None and counts.max() > size:
+            raise ValueError(f"a row has {counts.max()} loss positions, more than its width's {size} (gather_sizes)")
+        n = max(size or int(counts.max()), 1)
+        positions = np.zeros((w.shape[0], n), dtype="int32")
+        weights = np.zeros((w.shape[0], n), dtype="float32")
+        for r in range(w.shape[0]):
+            idx = np.flatnonzero(w[r] > 0)
+            positions[r, : len(idx)] = idx
+            weights[r, : len(idx)] = w[r, idx]
+        return {**x, "positions": positions}, np.take_along_axis(y, positions, axis=1), weights
     flat = np.flatnonzero(w.reshape(-1) > 0).astype("int32")
     if size is not None and len(flat) > size:
         raise ValueError(f"a step has {len(flat)} loss positions, more than its width's {size} (gather_sizes)")
@@ -187,11 +243,16 @@ def gathered(x: dict, y, w, size: int | None = None):
     return {**x, "positions": positions}, y.reshape(-1)[positions], weights
 
 
-def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None, gather: dict | bool | None = None):
+def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None, gather: dict | bool | None = None,
+                 per_row: bool = False):
     """The steps as a tf.data pipeline. `steps` are Steps (or plain index lists: full width).
-    With `fixed_batch_size` (fast mode) widths vary per step and short batches are filled up. With
-    `gather` (fast mode, for LossPositions) the labels and weights are the loss positions' only:
-    True for as many as each step has, or a {width: size} mapping (gather_sizes) under XLA."""
+    With `fixed_batch_size` (fast mode, or data parallel) widths may vary per step and short batches
+    are filled up. With `gather` (fast mode, for LossPositions) the labels and weights are the loss
+    positions' only: True for as many as each step has, or a {width: size} mapping (gather_sizes)
+    under XLA; `per_row` (data parallel) gathers them row by row (see `gathered`).
+
+    The padding mask goes in as int32, never bool: under tf.distribute.MirroredStrategy a bool mask
+    fails in the gradient's all-reduce (`AddN` has no bool kernel)."""
     import tensorflow as tf
 
     full = enc["token_ids"].shape[1]
@@ -200,16 +261,18 @@ def make_dataset(enc: dict, steps: list, fixed_batch_size: int | None = None, ga
     def gen():
         for step in steps:
             x, y, w = step_arrays(enc, step, fixed_batch_size)
+            x = {**x, "padding_mask": x["padding_mask"].astype("int32")}
             if gather:
-                yield gathered(x, y, w, gather.get(step.width) if isinstance(gather, dict) else None)
+                yield gathered(x, y, w, gather.get(step.width) if isinstance(gather, dict) else None, per_row)
             else:
                 yield x, y, w
 
     length = None if fixed_batch_size is not None else full
-    inputs = {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.bool)}
+    inputs = {"token_ids": tf.TensorSpec((None, length), tf.int32), "padding_mask": tf.TensorSpec((None, length), tf.int32)}
     if gather:
-        inputs["positions"] = tf.TensorSpec((None,), tf.int32)
-        spec = (inputs, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32))
+        shape = (None, None) if per_row else (None,)
+        inputs["positions"] = tf.TensorSpec(shape, tf.int32)
+        spec = (inputs, tf.TensorSpec(shape, tf.int32), tf.TensorSpec(shape, tf.float32))
     else:
         spec = (inputs, tf.TensorSpec((None, length), tf.int32), tf.TensorSpec((None, length), tf.float32))
     return tf.data.Dataset.from_generator(gen, output_signature=spec)
@@ -229,8 +292,12 @@ def loss_positions_model(lm):
         def call(self, inputs, training=False):
             backbone = self.causal_lm.backbone
             hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}, training=training)
+            positions = inputs["positions"]
+            if len(positions.shape) == 2:  # per row (data parallel): (batch, n) positions within each row
+                picked = keras.ops.take_along_axis(hidden, keras.ops.expand_dims(positions, -1), axis=1)
+                return backbone.token_embedding(picked, reverse=True)
             hidden = keras.ops.reshape(hidden, (-1, keras.ops.shape(hidden)[-1]))
-            return backbone.token_embedding(keras.ops.take(hidden, inputs["positions"], axis=0), reverse=True)
+            return backbone.token_embedding(keras.ops.take(hidden, positions, axis=0), reverse=True)
 
     return LossPositions(lm)
 
@@ -323,12 +390,12 @@ def fit(trainer, lm, enc: dict, plan: list[Step], cfg: Config, callbacks: list, 
     preprocessor, lm.preprocessor = lm.preprocessor, None
     try:
         if start < len(plan):
-            fast = cfg.train_mode == "fast"
+            engine = engine or engine_for(cfg)
+            per_row = bool(engine.get("devices"))
             gather = None
-            if fast:
-                xla = (engine or engine_for(cfg))["jit_compile"]
-                gather = gather_sizes(enc, plan, cfg) if xla else True
-            dataset = make_dataset(enc, plan[start:], cfg.batch_size if fast else None, gather)
+            if cfg.train_mode == "fast":
+                gather = gather_sizes(enc, plan, cfg, per_row) if engine["jit_compile"] else True
+            dataset = make_dataset(enc, plan[start:], cfg.batch_size if fills_batches(cfg, engine) else None, gather, per_row)
             trainer.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
     finally:
         lm.preprocessor = preprocessor

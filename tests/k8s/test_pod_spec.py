@@ -303,3 +303,24 @@ def test_pods_log_to_the_configured_tracking_server(monkeypatch):
         for stage in GPU_STAGES:
             env = {e.name: e.value for e in dag.get_task(stage).env_vars}
             assert env.get("GEMMA_MLFLOW_TRACKING_URI") == uri
+
+
+def test_a_four_gpu_pod_asks_for_four_and_its_finetune_uses_them(monkeypatch):
+    """gpu_count: 4 is the pod's GPU limit; the stage needs nothing else: the device plugin exposes
+    the four GPUs, the start-up check lists them, and data_parallel auto (the default) trains on all
+    of them. No CUDA_VISIBLE_DEVICES narrows them."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tasks.config import load_config
+
+    for key, value in {**kubernetes_env(), "GEMMA_GPU_COUNT": "4"}.items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+    for stage in GPU_STAGES:
+        _, pod = render_pod(dag, stage)
+        base = base_container(pod)
+        assert base.resources.limits["nvidia.com/gpu"] == "4"
+        env = {e.name: e.value for e in base.env}
+        assert env["GEMMA_REQUIRE_GPU"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
+        assert not any(a.startswith("data_parallel=") for a in base.args)  # the config's default: auto
+    assert load_config("gemma_2b_lora").data_parallel == "auto"

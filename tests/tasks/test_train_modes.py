@@ -37,23 +37,23 @@ def test_engine_follows_the_device_in_fast_mode_and_the_config_in_tutorial_mode(
     # A CPU without AMX-BF16: float32, a TF graph for any width.
     monkeypatch.setattr(training, "has_gpu", lambda: False)
     monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)
-    assert engine(train_mode="fast") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 0}
+    assert engine(train_mode="fast") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 0, "devices": []}
     assert engine(train_mode="fast", mixed_precision="bfloat16")["dtype_policy"] == "mixed_bfloat16"
     # cpu_engine xla (what wins on some CPUs): XLA with at most bucket_shapes widths, as on a GPU.
-    assert engine(train_mode="fast", cpu_engine="xla", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3}
+    assert engine(train_mode="fast", cpu_engine="xla", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3, "devices": []}
     assert engine(train_mode="tutorial", cpu_engine="xla", jit_compile="false")["jit_compile"] is False
     # A CPU with it (this machine's Xeon): mixed bfloat16 in fast mode only.
     monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: True)
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="fast", mixed_precision="off")["dtype_policy"] == "float32"
-    assert engine(train_mode="tutorial", jit_compile="true") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 1}
+    assert engine(train_mode="tutorial", jit_compile="true") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 1, "devices": []}
     # GPUs: XLA with at most bucket_shapes widths; bfloat16 only from compute capability 8.0.
     monkeypatch.setattr(training, "has_gpu", lambda: True)
     monkeypatch.setattr(training, "gpus_with_bfloat16", lambda: [])  # a T4
-    assert engine(train_mode="fast", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3}
+    assert engine(train_mode="fast", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3, "devices": []}
     monkeypatch.setattr(training, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
-    assert engine(train_mode="tutorial", jit_compile="false") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 1}
+    assert engine(train_mode="tutorial", jit_compile="false") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 1, "devices": []}
 
 
 def test_cpu_bfloat16_detection_reads_the_cpu_flags():

@@ -1,0 +1,158 @@
+"""Data-parallel fine-tuning (tf.distribute.MirroredStrategy) on two logical CPU devices, in fresh
+processes (`tests.tasks.two_cpus`): the same losses and LoRA weights as one device at the same
+global batch, on tiny Gemma and tiny Gemma 3, in both train modes; a run killed on two devices
+resumes on one to the same weights; the boolean padding-mask trap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tasks import artifacts, preprocess, snapshot, training
+from tasks.config import load_config
+from tests.conftest import REPO
+from tests.tasks.test_faults import lora_weights
+
+COMBOS = [("tiny:gemma", "tutorial"), ("tiny:gemma", "fast"), ("tiny:gemma3", "tutorial"), ("tiny:gemma3", "fast")]
+BASE = {"num_examples": "24", "heldout_examples": "8", "eval_examples": "4", "batch_size": "4", "sequence_length": "64",
+        "loss_tokens": "response"}
+
+
+def prepared(run_dir, settings):
+    cfg = load_config("tiny_test", settings)
+    snapshot.run(cfg, run_dir)
+    preprocess.run(cfg, run_dir)
+
+
+def finetune_argv(run_dir, settings):
+    argv = ["--config", "tiny_test", "--run-dir", str(run_dir)]
+    for k, v in settings.items():
+        argv += ["--set", f"{k}={v}"]
+    return argv
+
+
+def two_cpus(argvs, **kw):
+    return subprocess.run([sys.executable, "-m", "tests.tasks.two_cpus", json.dumps(argvs)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200, **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every combination fine-tuned on one device and on two, and batch_size 3 (not a multiple of
+    two devices), all in one process with two logical CPU devices."""
+    root = tmp_path_factory.mktemp("data_parallel")
+    argvs, dirs = [], {}
+    # batch_size 3 first: once TensorFlow has built a MirroredStrategy, absl takes over the log.
+    cases = [("tiny:gemma3", "fast", "auto", {**BASE, "batch_size": "3"})]
+    cases += [(preset, mode, dp, BASE) for preset, mode in COMBOS for dp in ("off", "auto")]
+    for preset, mode, dp, base in cases:
+        settings = {**base, "model_preset": preset, "train_mode": mode, "data_parallel": dp}
+        run_dir = root / f"{preset[5:]}-{mode}-{dp}-b{settings['batch_size']}"
+        prepared(run_dir, settings)
+        argvs.append(finetune_argv(run_dir, settings))
+        dirs[(preset, mode, dp, settings["batch_size"])] = run_dir
+    done = two_cpus(argvs)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return dirs, done.stderr
+
+
+@pytest.mark.parametrize("preset,mode", COMBOS)
+def test_two_devices_train_like_one(runs, preset, mode):
+    dirs, _ = runs
+    one, two = dirs[(preset, mode, "off", "4")], dirs[(preset, mode, "auto", "4")]
+    r1, r2 = artifacts.read_finetune_result(one), artifacts.read_finetune_result(two)
+    assert (r1["training"]["replicas"], r2["training"]["replicas"]) == (1, 2)
+    assert r2["training"]["devices"] == ["/device:CPU:0", "/device:CPU:1"]
+    h1, h2 = artifacts.read_history(one), artifacts.read_history(two)
+    assert len(h1) == len(h2) == 6 and [h["width"] for h in h1] == [h["width"] for h in h2]
+    np.testing.assert_allclose([h["loss"] for h in h2], [h["loss"] for h in h1], atol=1e-4)
+    w1, w2 = lora_weights(artifacts.adapter_path(one)), lora_weights(artifacts.adapter_path(two))
+    assert w1.keys() == w2.keys() and w1
+    for name in w1:
+        if w1[name].dtype.kind == "f":
+            np.testing.assert_allclose(w2[name], w1[name], atol=1e-5, err_msg=name)
+    # It learned something (the comparison is not between two untouched models).
+    assert r2["heldout_tuned"]["loss"] < r2["heldout_base"]["loss"]
+
+
+def test_replicas_that_do_not_divide_the_batch_are_not_used(runs):
+    dirs, stderr = runs
+    result = artifacts.read_finetune_result(dirs[("tiny:gemma3", "fast", "auto", "3")])
+    assert result["training"]["replicas"] == 1 and result["training"]["devices"] == []
+    assert "batch_size 3 is not a multiple of the 2 devices; training on 1 of them" in stderr
+
+
+def test_the_padding_mask_is_fed_as_int32_because_bool_breaks_the_strategy(tmp_path):
+    """The dataset feeds int32; a boolean mask under MirroredStrategy fails in the gradients'
+    all-reduce (no bool AddN kernel): shown here, so a change back to bool is seen for what it is."""
+    import tensorflow as tf
+
+    enc = {"token_ids": np.ones((4, 8), "int32"), "padding_mask": np.ones((4, 8), bool),
+           "labels": np.ones((4, 8), "int32"), "weights": np.ones((4, 8), "float32")}
+    spec = training.make_dataset(enc, [[0, 1, 2, 3]]).element_spec
+    assert spec[0]["padding_mask"].dtype == tf.int32
+    code = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, sys
+from tasks.models import load_causal_lm
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    lm = load_causal_lm("tiny:gemma", sys.argv[1], 16)
+    lm.backbone.enable_lora(rank=4)
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer="adam")
+lm.preprocessor = None
+ids = np.full((4, 16), 5, "int32")
+for dtype in ("int32", "bool"):
+    mask = np.ones((4, 16), dtype)
+    try:
+        lm.fit({"token_ids": ids, "padding_mask": mask}, ids, batch_size=4, epochs=1, verbose=0)
+        print(dtype, "ok")
+    except Exception as e:
+        print(dtype, "failed", type(e).__name__, "bool" in str(e) and "AddN" in str(e))
+"""
+    done = subprocess.run([sys.executable, "-c", code, os.environ.get("GEMMA_MODELS_DIR", str(tmp_path))], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("int32", "bool"))]
+    assert lines == ["int32 ok", "bool failed InvalidArgumentError True"], done.stderr[-3000:]
+
+
+def test_killed_on_two_devices_resumes_on_one_to_the_same_weights(tmp_path):
+    """The step plan does not depend on the number of devices, so a checkpoint made on two resumes on
+    one, and the run ends where an uninterrupted one-device run does."""
+    settings = {**BASE, "model_preset": "tiny:gemma3", "train_mode": "fast", "num_examples": "64", "batch_size": "2",
+                "epochs": "2", "checkpoint_every_steps": "4", "log_every_steps": "4", "sequence_length": "32"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for d in (killed, clean):
+        prepared(d, settings)
+    latest = artifacts.checkpoint_dir(killed) / "latest.json"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.tasks.two_cpus",
+                             json.dumps([finetune_argv(killed, {**settings, "data_parallel": "auto"})])],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 12:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fine-tune finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+
+    resumed = two_cpus([finetune_argv(killed, {**settings, "data_parallel": "off"}),
+                        finetune_argv(clean, {**settings, "data_parallel": "off"})])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"RESUMING from the checkpoint at step {killed_at}/64" in resumed.stderr
+    result = artifacts.read_finetune_result(killed)
+    assert result["resumed_from_step"] == killed_at and result["training"]["replicas"] == 1
+    a, b = lora_weights(artifacts.adapter_path(killed)), lora_weights(artifacts.adapter_path(clean))
+    for name in a:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
