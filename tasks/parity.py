@@ -177,7 +177,9 @@ def check_gguf(ref: dict, path: Path, fmt: str) -> dict:
         top = np.argpartition(-scores, TOP_K, axis=1)[:, :TOP_K]
         return int(sum(tok in row for tok, row in zip(reference, top)))
 
-    ids = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in ref["texts"]]
+    # special=True: the chat template's <start_of_turn>/<end_of_turn> are single tokens in the text, as
+    # keras-hub's tokenizer reads them and as a serving stack's chat template sends them.
+    ids = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in ref["texts"]]
     continuations = [greedy(last_logits, i) for i in ref["ids"]]
     same = [same_prefix(c, g) for c, g in zip(continuations, ref["greedy"])]
     top_k = [in_top_k(i, g) for i, g in zip(ref["ids"], ref["greedy"])]

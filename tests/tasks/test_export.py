@@ -15,6 +15,7 @@ import pytest
 from tasks import artifacts, export, export_gguf, export_keras, finetune, generate, parity, preprocess, prompt_template, snapshot
 from tasks.config import load_config
 from tasks.prompt_template import instruction_prompt
+from tasks import storage
 from tasks.storage import StageInputError
 
 # A gate every tuned tiny model passes: these tests are about the export, not the tuning.
@@ -95,7 +96,7 @@ def test_hf_ids_and_the_modelfile_name_the_right_tokens(exported):
     assert config["torch_dtype"] == "float32"
     modelfile = (artifacts.path(run_dir, artifacts.EXPORT, artifacts.EXPORT_GGUF) / artifacts.MODELFILE).read_text()
     assert "FROM ./model-q8_0.gguf" in modelfile
-    assert f'TEMPLATE """{instruction_prompt("{instruction}", "tutorial").replace("{instruction}", "{{ .Prompt }}")}"""' in modelfile
+    assert f'TEMPLATE """{instruction_prompt("{instruction}", cfg.prompt_template).replace("{instruction}", "{{ .Prompt }}")}"""' in modelfile
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile
 
 
@@ -145,7 +146,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export_gguf, "write", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(storage.DiskFullError, match=f"the disk is full: publishing {run_dir / artifacts.EXPORT} failed"):
         export.run(cfg, run_dir)
     assert not (run_dir / artifacts.EXPORT).exists() and not list(run_dir.glob(".export.*"))
     artifacts.adapter_path(run_dir).unlink()
