@@ -124,9 +124,11 @@ for dtype in ("int32", "bool"):
     assert lines == ["int32 ok", "bool failed InvalidArgumentError True"], done.stderr[-3000:]
 
 
-def test_killed_on_two_devices_resumes_on_one_to_the_same_weights(tmp_path):
-    """The step plan does not depend on the number of devices, so a checkpoint made on two resumes on
-    one, and the run ends where an uninterrupted one-device run does."""
+@pytest.mark.parametrize("resume_on", ["auto", "off"], ids=["resumed on two devices", "resumed on one device"])
+def test_killed_on_two_devices_resumes_to_the_same_weights(tmp_path, resume_on):
+    """Killed mid-run under the strategy, the retry resumes from its checkpoint, on two devices again
+    or on one (the step plan does not depend on the number of devices), and the run ends where an
+    uninterrupted one-device run does."""
     settings = {**BASE, "model_preset": "tiny:gemma3", "train_mode": "fast", "num_examples": "64", "batch_size": "2",
                 "epochs": "2", "checkpoint_every_steps": "4", "log_every_steps": "4", "sequence_length": "32"}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
@@ -146,12 +148,12 @@ def test_killed_on_two_devices_resumes_on_one_to_the_same_weights(tmp_path):
     proc.wait()
     killed_at = json.loads(latest.read_text())["step"]
 
-    resumed = two_cpus([finetune_argv(killed, {**settings, "data_parallel": "off"}),
-                        finetune_argv(clean, {**settings, "data_parallel": "off"})])
+    resumed = two_cpus([finetune_argv(killed, {**settings, "data_parallel": resume_on})])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"RESUMING from the checkpoint at step {killed_at}/64" in resumed.stderr
     result = artifacts.read_finetune_result(killed)
-    assert result["resumed_from_step"] == killed_at and result["training"]["replicas"] == 1
+    assert result["resumed_from_step"] == killed_at and result["training"]["replicas"] == (2 if resume_on == "auto" else 1)
+    assert two_cpus([finetune_argv(clean, {**settings, "data_parallel": "off"})]).returncode == 0
     a, b = lora_weights(artifacts.adapter_path(killed)), lora_weights(artifacts.adapter_path(clean))
     for name in a:
         if a[name].dtype.kind == "f":
