@@ -81,13 +81,12 @@ def _with_token_rows(base):
                 inputs = ops.cast(inputs, self.reverse_dtype)
                 kernel = ops.cast(kernel, self.reverse_dtype)
             logits = ops.matmul(inputs, kernel)
-            # The token rows' columns recomputed from the merged rows (base row + delta), not as
-            # h.E + h.delta: the same sums a merged model computes, to float rounding of one dot
-            # product. (..., k) scattered into their columns by (k, vocab) one-hots.
-            merged = ops.take(ops.cast(self.embeddings, logits.dtype), ids, axis=0) + ops.cast(self.token_rows, logits.dtype)
+            # h . delta for each token row, added to that token's column ((..., k) @ (k, vocab)
+            # one-hots): at zero exactly the base model's logits; merged (E + delta) the same sums
+            # to float rounding in those columns.
+            rows = ops.cast(self.token_rows, logits.dtype)
             columns = ops.one_hot(ids, self.input_dim, dtype=logits.dtype)
-            token_logits = ops.matmul(inputs, ops.transpose(merged))
-            logits = logits * (1.0 - ops.sum(columns, axis=0)) + ops.matmul(token_logits, columns)
+            logits = logits + ops.matmul(ops.matmul(inputs, ops.transpose(rows)), columns)
             if self.logit_soft_cap is not None:
                 logits = ops.multiply(ops.tanh(ops.divide(logits, self.logit_soft_cap)), self.logit_soft_cap)
             return logits
