@@ -130,9 +130,9 @@ def enable_for(lm, path: Path, rank: int) -> None:
 
 def load(lm, path: Path, rank: int) -> None:
     """The adapter file's weights into `lm` (enabling LoRA and the token rows first if needed)."""
-    enable_for(lm, path, rank)
-    lm.backbone.load_lora_weights(str(path))
     ids, rows = read_token_rows(path)
+    enable(lm, rank, ids)
+    lm.backbone.load_lora_weights(str(path))
     if ids:
         lm.backbone.token_embedding.token_rows.assign(rows)
 
@@ -141,14 +141,16 @@ def merged_token_rows(lm) -> dict[int, "object"]:
     """{token id: its merged embedding row (base + delta), numpy} of a tuned model with token rows."""
     import numpy as np
 
+    from keras import ops
+
     layer = lm.backbone.token_embedding
     ids = token_ids(lm)
     if not ids:
         return {}
-    base = layer._embeddings
+    # Only those rows of the base table (not a copy of all 262,144 x hidden of it).
+    base = np.asarray(ops.convert_to_numpy(ops.take(layer._embeddings, ids, axis=0)), dtype="float32")
     rows = np.asarray(layer.token_rows.numpy(), dtype="float32")
-    table = base.numpy() if hasattr(base, "numpy") else np.asarray(base)
-    return {i: (table[i].astype("float32") + rows[n]) for n, i in enumerate(ids)}
+    return {i: base[n] + rows[n] for n, i in enumerate(ids)}
 
 
 def template_token_ids(tokenizer, template: str, setting: str) -> list[int]:

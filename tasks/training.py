@@ -200,31 +200,26 @@ def padded_batch_loss(batch_size: int, sequence_length: int):
     return PaddedBatchLoss()
 
 
-def gather_sizes(enc: dict, plan: list[Step], cfg: Config, per_row: bool = False) -> dict[int, int]:
+def gather_sizes(enc: dict, plan: list[Step], cfg: Config) -> dict[int, int]:
     """Fast mode under XLA: how many loss positions each batch width's steps are padded to (the most
-    any of its steps has, or with `per_row` any of its rows, rounded up to bucket_multiple), so a
-    width stays one compiled shape."""
+    any of its steps has, rounded up to bucket_multiple), so a width stays one compiled shape."""
     sizes: dict[int, int] = {}
     for step in plan:
         _, _, w = step_arrays(enc, step, cfg.batch_size)
-        n = int((w > 0).sum(axis=1).max()) if per_row else int((w > 0).sum())
-        sizes[step.width] = max(sizes.get(step.width, 1), n)
+        sizes[step.width] = max(sizes.get(step.width, 1), int((w > 0).sum()))
     m = cfg.bucket_multiple
-    return {width: min(-(-n // m) * m, (1 if per_row else cfg.batch_size) * width) for width, n in sizes.items()}
+    return {width: min(-(-n // m) * m, cfg.batch_size * width) for width, n in sizes.items()}
 
 
 def gathered(x: dict, y, w, size: int | None = None, per_row: bool = False):
     """A step's arrays with the labels and weights of its loss positions only, and the positions
-    themselves as input `positions`; padded to `size` with position 0 at weight 0. Flat (row-major
-    over batch x width) by default; with `per_row` (data parallel: the batch is split across
-    replicas row by row) one list per row, of positions within the row."""
+    themselves as input `positions`. Flat (row-major over batch x width) by default, padded to `size`
+    (XLA) with position 0 at weight 0; with `per_row` (data parallel: the batch is split across
+    replicas row by row) one list per row, of positions within the row, as long as the longest."""
     import numpy as np
 
-    if per_row:
-        counts = (w > 0).sum(axis=1)
-        if size is not None and counts.max() > size:
-            raise ValueError(f"a row has {counts.max()} loss positions, more than its width's {size} (gather_sizes)")
-        n = max(size or int(counts.max()), 1)
+    if per_row:  # graphs only (data parallel runs without XLA): as many as the step's longest row
+        n = max(int((w > 0).sum(axis=1).max()), 1)
         positions = np.zeros((w.shape[0], n), dtype="int32")
         weights = np.zeros((w.shape[0], n), dtype="float32")
         for r in range(w.shape[0]):
@@ -394,7 +389,8 @@ def fit(trainer, lm, enc: dict, plan: list[Step], cfg: Config, callbacks: list, 
             per_row = bool(engine.get("devices"))
             gather = None
             if cfg.train_mode == "fast":
-                gather = gather_sizes(enc, plan, cfg, per_row) if engine["jit_compile"] else True
+                # Data parallel runs without XLA (engine_for), so per-row gathers never need sizes.
+                gather = gather_sizes(enc, plan, cfg) if engine["jit_compile"] else True
             dataset = make_dataset(enc, plan[start:], cfg.batch_size if fills_batches(cfg, engine) else None, gather, per_row)
             trainer.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
     finally:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from tasks import artifacts, preprocess, snapshot, training
 from tasks.config import load_config
 from tests.conftest import REPO
-from tests.tasks.test_faults import lora_weights
+from tests.tasks.test_faults import kill_after_checkpoint, lora_weights
 
 COMBOS = [("tiny:gemma", "tutorial"), ("tiny:gemma", "fast"), ("tiny:gemma3", "tutorial"), ("tiny:gemma3", "fast")]
 BASE = {"num_examples": "24", "heldout_examples": "8", "eval_examples": "4", "batch_size": "4", "sequence_length": "64",
@@ -134,19 +132,10 @@ def test_killed_on_two_devices_resumes_to_the_same_weights(tmp_path, resume_on):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):
         prepared(d, settings)
-    latest = artifacts.checkpoint_dir(killed) / "latest.json"
     proc = subprocess.Popen([sys.executable, "-m", "tests.tasks.two_cpus",
                              json.dumps([finetune_argv(killed, {**settings, "data_parallel": "auto"})])],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 12:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the fine-tune finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = kill_after_checkpoint(proc, killed, timeout=600)
 
     resumed = two_cpus([finetune_argv(killed, {**settings, "data_parallel": resume_on})])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

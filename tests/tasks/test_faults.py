@@ -40,6 +40,21 @@ def lora_weights(path):
     return out
 
 
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir, step: int = 12, timeout: float = 300) -> int:
+    """SIGKILL the fine-tune `proc` (no cleanup: what a preempted node does) once `run_dir`'s newest
+    checkpoint is at `step` or later; the step of the checkpoint it left."""
+    latest = artifacts.checkpoint_dir(run_dir) / "latest.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fine-tune finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(latest.read_text())["step"]
+
+
 @pytest.mark.parametrize("damage", [None, "truncate the newest checkpoint"])
 def test_killed_finetune_resumes_from_its_checkpoint(tmp_path, damage):
     """A kill (a preempted pod) then a retry: it resumes from the newest checkpoint, or, when that one
@@ -51,15 +66,7 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path, damage):
     latest = artifacts.checkpoint_dir(killed) / "latest.json"
 
     proc = subprocess.Popen(argv(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 12:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the fine-tune finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)  # what a preempted node does: no cleanup
-    proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = kill_after_checkpoint(proc, killed)
     assert 12 <= killed_at < TOTAL_STEPS
     # Nothing half-written is visible: no finetune/ folder, only a temp folder of the dead attempt.
     assert not (killed / "finetune").exists()
