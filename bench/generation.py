@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     import keras
 
     from tasks.config import load_config, parse_overrides
-    from tasks.generate import answer, make_sampler
+    from tasks.generate import answer, compile_for_generation
     from tasks.models import load_causal_lm
     from tasks.prompt_suite import load_suite
 
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     answers = {}
     for label, cfg in cfgs.items():
         # A fresh compile, as the stage does per model: the generate function is traced anew.
-        lm.compile(sampler=make_sampler(cfg))
+        compile_for_generation(lm, cfg)
         print(f"[bench] {label}: answering {len(suite['prompts'])} prompts ...", file=sys.stderr, flush=True)
         t = time.time()
         with common.PeakRss() as mem:

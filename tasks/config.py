@@ -179,6 +179,10 @@ class Config:
     top_k: int = key(5, "k of the top_k sampler", stages=(GENERATE,), range=(1, 1_000_000))
     sampler_seed: int = key(2, "seed of the sampler", stages=(GENERATE,))
     generate_batch_size: int = key(4, "prompts answered per generate call", stages=(GENERATE,), range=(1, 4096))
+    # keras-hub compiles its generate function with the model's jit_compile, which Keras's "auto"
+    # resolves to off because the attached tokenizer layer cannot be compiled.
+    generate_xla: bool = key(True, "XLA for the generate function (the whole decoding loop, one compilation per batch shape)",
+                             stages=(GENERATE,))
     heldout_generate_examples: int = key(
         100, "held-out prompts both models answer, scored with ROUGE-L against the reference responses",
         stages=(GENERATE,), range=(0, 100_000))

@@ -55,6 +55,13 @@ def make_sampler(cfg: Config):
     return keras_hub.samplers.TopKSampler(k=cfg.top_k, seed=cfg.sampler_seed)
 
 
+def compile_for_generation(lm, cfg: Config):
+    """The run's sampler and engine on `lm`; returns the sampler. A new compile traces anew."""
+    sampler = make_sampler(cfg)
+    lm.compile(sampler=sampler, jit_compile=cfg.generate_xla)
+    return sampler
+
+
 def batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices of the prompts in batches of one size (the fewest batches of at most `batch_size`,
     as equal as possible), longest prompts first: a batch starts generating at its shortest
@@ -159,8 +166,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         # adapter then only assigns variables, and the compiled generate function serves both.
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
         adapter.enable_for(lm, adapter_file, cfg.lora_rank)
-        sampler = make_sampler(cfg)
-        lm.compile(sampler=sampler)
+        sampler = compile_for_generation(lm, cfg)
         seeds = [g.state.numpy() for g in getattr(sampler, "_seed_generators", [])]
         results, seconds = {}, {}
         shared = base_answers_path(run_dir, cfg, suite["sha256"])
