@@ -82,13 +82,12 @@ def merge(cfg: Config, adapter: Path, texts: list[str]):
     log.info("export: reference answers of the tuned model (keras-hub, adapter loaded) on %d prompts", len(texts))
     ref = parity.reference(tuned, texts)
     # The tuned model is loaded once: its merged kernels go into a fresh base, loaded after it is dropped.
-    kernels = export_keras.merged_kernels(tuned, adapter)
+    merged = export_keras.merged_weights(tuned, adapter)
     del tuned
     gc.collect()
-    lm = export_keras.base_with_kernels(cfg.model_preset, cfg.models_dir, kernels)
-    rows = kernels.get(export_keras.TOKEN_ROWS, {})
-    layers = len(kernels) - bool(rows)
-    log.info("export: merged the adapter into %d kernels and %d token rows (%s)", layers, len(rows),
+    lm = export_keras.base_with_kernels(cfg.model_preset, cfg.models_dir, merged)
+    layers = len(merged.kernels)
+    log.info("export: merged the adapter into %d kernels and %d token rows (%s)", layers, len(merged.token_rows),
              lm.backbone.dtype_policy.name)
     return ref, lm, layers
 

@@ -8,11 +8,17 @@ only, see the tuned weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 
-# merged_kernels' key for the merged token rows (tasks.adapter), beside the layer paths.
-TOKEN_ROWS = "token_embedding/token_rows"
+@dataclass
+class Merged:
+    """The tuned weights a plain base model needs: each LoRA layer's merged kernel by its path, and
+    the merged embedding rows of the adapter's token rows ({token id: row})."""
+
+    kernels: dict
+    token_rows: dict
 
 
 def lora_layers(backbone) -> list:
@@ -35,42 +41,37 @@ def tuned_model(preset: str, models_dir: str, lora_rank: int, adapter_file: Path
     return lm
 
 
-def merged_kernels(tuned, adapter_file: Path) -> dict:
-    """Each LoRA layer's merged kernel (`_kernel + (alpha / rank) * A @ B`) by its path, as numpy,
-    and under TOKEN_ROWS the merged embedding rows of the adapter's token rows ({id: row})."""
+def merged_weights(tuned, adapter_file: Path) -> Merged:
+    """Each LoRA layer's merged kernel (`_kernel + (alpha / rank) * A @ B`) as numpy, and the merged
+    token rows."""
     import keras
     import numpy as np
 
     from tasks import adapter
 
-    merged = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in lora_layers(tuned.backbone)}
-    if not merged:
+    kernels = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in lora_layers(tuned.backbone)}
+    if not kernels:
         raise RuntimeError(f"the adapter {adapter_file} enabled no LoRA layer")
-    rows = adapter.merged_token_rows(tuned)
-    if rows:
-        merged[TOKEN_ROWS] = rows
-    return merged
+    return Merged(kernels, adapter.merged_token_rows(tuned))
 
 
-def base_with_kernels(preset: str, models_dir: str, merged: dict):
-    """A fresh base model (no LoRA) whose kernels are `merged` (from `merged_kernels`). Drop the
+def base_with_kernels(preset: str, models_dir: str, merged: Merged):
+    """A fresh base model (no LoRA) holding the `merged` weights (from `merged_weights`). Drop the
     tuned model before calling it, so two models never sit in memory together."""
     from tasks.models import load_causal_lm
 
     lm = load_causal_lm(preset, models_dir)
-    merged = dict(merged)
-    rows = merged.pop(TOKEN_ROWS, {})
-    if rows:
+    if merged.token_rows:
         # Gemma ties its input embedding and output layer: the merged row serves both, as the delta did.
         table = lm.backbone.token_embedding._embeddings
         values = table.numpy()
-        for token, row in rows.items():
+        for token, row in merged.token_rows.items():
             values[token] = row.astype(values.dtype)
         table.assign(values)
     layers = {_key(layer): layer for layer in lm.backbone._flatten_layers() if hasattr(layer, "_kernel")}
-    if len(merged) != len(set(merged) & set(layers)):
-        raise RuntimeError(f"merged kernels {sorted(set(merged) - set(layers))} have no layer in a fresh {preset}")
-    for path, kernel in merged.items():
+    if len(merged.kernels) != len(set(merged.kernels) & set(layers)):
+        raise RuntimeError(f"merged kernels {sorted(set(merged.kernels) - set(layers))} have no layer in a fresh {preset}")
+    for path, kernel in merged.kernels.items():
         layer = layers[path]
         if tuple(layer._kernel.shape) != kernel.shape:
             raise RuntimeError(f"merged kernel of {path} has shape {kernel.shape}, the base's is {tuple(layer._kernel.shape)}")

@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.airflow_settings import RETRIES_DEFAULT
-
 # key -> (default, what it is). The README's settings table is this dict.
 SETTINGS: dict[str, tuple[str, str]] = {
     "image": ("gemma-lora-pipeline:0.1.0", "training image built from docker/Dockerfile (push it and name it with its registry)"),
@@ -49,8 +47,6 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "generate_timeout": ("", "minutes the generate task may run; empty: the DAG's 2 h"),
     "max_parallel_pods": ("4", "in a sweep: at most this many variants' pods of one stage run at the same time (max_active_tis_per_dag)"),
     "pool": ("default_pool", "Airflow pool the GPU tasks take a slot of (size a pool to your GPUs to bound all DAGs together)"),
-    "retries": (RETRIES_DEFAULT, "task retries, local and pod tasks alike (a killed or preempted task resumes from its checkpoint; "
-                                 "bad input is not retried); [gemma] retry_delay_s (15) apart"),
     "on_finish_action": ("delete_pod", "delete_pod, delete_succeeded_pod, delete_active_pod or keep_pod (a kept pod that never started still holds its GPU)"),
     "allow_cpu": ("false", "let the stage continue on CPU when the pod sees no GPU"),
     "mlflow_tracking_uri": ("", "MLflow tracking server the stages log to (the pods get it as GEMMA_MLFLOW_TRACKING_URI); empty: "
@@ -95,7 +91,6 @@ class PodSettings:
     timeouts: dict[str, dt.timedelta]
     max_parallel_pods: int
     pool: str
-    retries: int
     on_finish_action: str
     allow_cpu: bool
     mlflow_tracking_uri: str
@@ -246,7 +241,6 @@ def pod_settings() -> PodSettings:
         max_parallel_pods=whole("max_parallel_pods", 1, 1024),
         mlflow_tracking_uri=text("mlflow_tracking_uri", re.compile(r"^[a-z][a-z0-9+.-]*://\S+$"), optional=True),
         pool=text("pool", re.compile(r"^[A-Za-z0-9_.-]{1,256}$")),
-        retries=whole("retries", 0, 10),
         on_finish_action=choice("on_finish_action", ("delete_pod", "delete_succeeded_pod", "delete_active_pod", "keep_pod")),
         allow_cpu=allow_cpu,
         run_as_user=whole("run_as_user", 1, 2**31 - 1),
@@ -358,12 +352,10 @@ def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt
         execution_timeout=execution_timeout,
         # If the worker dies, the pod must not hold its GPU forever.
         active_deadline_seconds=int(execution_timeout.total_seconds()) + s.startup_timeout,
-        retries=s.retries,
         max_active_tis_per_dag=s.max_parallel_pods,
         pool=s.pool,
         map_index_template=map_index_template,
         trigger_rule=trigger_rule,
-        retry_delay=dt.timedelta(minutes=5),
         on_finish_action=s.on_finish_action,
         get_logs=True,
         log_events_on_failure=True,

@@ -33,7 +33,7 @@ def test_defaults():
     assert s.limits == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
     assert s.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert s.node_selector == {} and s.pvc == "gemma-runs" and s.kaggle_secret == "kaggle-credentials"
-    assert (s.startup_timeout, s.retries, s.on_finish_action, s.allow_cpu) == (900, 2, "delete_pod", False)
+    assert (s.startup_timeout, s.on_finish_action, s.allow_cpu) == (900, "delete_pod", False)
     assert s.timeouts == {}
 
 
@@ -84,7 +84,7 @@ def test_stage_timeouts_and_deadline(monkeypatch):
         ("tolerations", '[{"key": "a", "operator": "Sometimes"}]'), ("tolerations", '[{"colour": "red"}]'),
         ("on_finish_action", "delete_everything"), ("image_pull_policy", "Sometimes"), ("image", "my image"),
         ("namespace", "Gemma_NS"), ("pvc", "Bad_Claim"), ("kaggle_secret", "not a name"),
-        ("startup_timeout", "-1"), ("retries", "x"), ("allow_cpu", "maybe"), ("finetune_timeout", "0"),
+        ("startup_timeout", "-1"), ("allow_cpu", "maybe"), ("finetune_timeout", "0"),
         ("run_as_user", "0"),
     ],
 )

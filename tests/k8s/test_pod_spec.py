@@ -324,3 +324,18 @@ def test_a_four_gpu_pod_asks_for_four_and_its_finetune_uses_them(monkeypatch):
         assert env["GEMMA_REQUIRE_GPU"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
         assert not any(a.startswith("data_parallel=") for a in base.args)  # the config's default: auto
     assert load_config("gemma_2b_lora").data_parallel == "auto"
+
+
+def test_pods_take_the_runs_retries_setting(monkeypatch):
+    """[gemma] retries / retry_delay_s are one setting for every task of a run: a killed pod is
+    retried like a killed local task (and resumes from its checkpoint)."""
+    import datetime as dt
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in {**kubernetes_env(), "GEMMA_RETRIES": "4", "GEMMA_RETRY_DELAY_S": "40"}.items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+    for task in dag.tasks:
+        assert (task.task_id, task.retries, task.retry_delay) == (task.task_id, 4, dt.timedelta(seconds=40))
+    assert {type(dag.get_task(s)).__name__ for s in GPU_STAGES} == {"KubernetesPodOperator"}

@@ -81,8 +81,8 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     adapter.load(fresh, path, cfg.lora_rank)
     np.testing.assert_allclose(logits(fresh, CHAT), tuned, atol=1e-5)
 
-    merged = export_keras.merged_kernels(fresh, path)
-    assert set(merged[export_keras.TOKEN_ROWS]) == set(ids)
+    merged = export_keras.merged_weights(fresh, path)
+    assert set(merged.token_rows) == set(ids)
     del fresh
     plain = export_keras.base_with_kernels("tiny:gemma3", models, merged)
     assert not adapter.token_ids(plain)

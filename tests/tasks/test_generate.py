@@ -3,7 +3,7 @@ import pytest
 
 from tasks import artifacts
 from tasks.config import load_config
-from tasks.generate import answer, make_sampler, stop_token_ids
+from tasks.generate import answer, compile_for_generation, make_sampler, stop_token_ids
 from tasks.prompt_suite import load_suite
 from tasks.storage import StageInputError
 
@@ -59,6 +59,26 @@ def test_stop_and_max_length_are_read_from_token_ids():
     stopped = answer(lm, prompts[:1], cfg, "test", stops=[int(first)])
     assert stopped[0]["stopped_at_eos"] and stopped[0]["tokens"] == 0 and stopped[0]["text"] == ""
     assert tok.end_token_id in stop_token_ids(tok)
+
+
+def test_xla_and_the_graph_give_the_same_greedy_answers():
+    """generate_xla compiles the whole decoding loop; it must not change what greedy decoding says."""
+    import keras
+
+    from tasks.models import load_causal_lm
+
+    prompts = load_suite("v1")["prompts"][:6]
+    texts = {}
+    for xla in (False, True):
+        cfg = load_config("tiny_test", {"max_length": "40", "generate_batch_size": "3", "sampler": "greedy",
+                                        "generate_xla": str(xla).lower()})
+        keras.utils.set_random_seed(0)
+        lm = load_causal_lm("tiny:gemma")
+        compile_for_generation(lm, cfg)
+        assert lm.jit_compile is xla
+        texts[xla] = [(a["text"], a["tokens"], a["stopped_at_eos"]) for a in answer(lm, prompts, cfg, f"xla={xla}")]
+    assert texts[True] == texts[False]
+    assert any(t for t, _, _ in texts[True])
 
 
 def test_needs_finetune_first(tmp_path):
