@@ -205,7 +205,8 @@ def generation(lm, args, shape: dict) -> dict:
     out = {"prompts": args.gen_prompts, "max_length": L, "sampler": "greedy", "stop_tokens": None, "runs": {}}
     texts = {}
     for label, b in (("one_by_one", 1), ("batched", args.gen_batch_size)):
-        lm.compile(sampler=keras_hub.samplers.GreedySampler())
+        # XLA, as the generate stage compiles it (config key generate_xla, on by default).
+        lm.compile(sampler=keras_hub.samplers.GreedySampler(), jit_compile=True)
         calls = []
         rows = []
         t = time.time()
