@@ -8,9 +8,10 @@ tuned with the 95% paired-bootstrap interval of the change, the response perplex
 interval, the EOS-stop rates and the verdict words. The rows of one file are the sweep behind the
 demo's settings (tasks/configs/cpu_demo.yaml names it); compare rows of one sitting only.
 
-The stages share one process, unlike the DAG's tasks in pods; there `generate` was measured ~1.5x
-slower than as its own process (rows F and its rerun alone, 2026-12-01, cause not found): the
-seconds compare rows with each other, not with `make demo` (bench/demo_side_by_side.sh measures that).
+The stages run one after another in this process; here `generate` was measured ~1.5x slower than
+the same stage alone in a fresh process and than in `make demo` (row E's run folder, 2026-12-01;
+cause not found): the seconds compare rows with each other, not with `make demo`
+(bench/demo_side_by_side.sh measures that).
 """
 
 from __future__ import annotations
