@@ -3,7 +3,7 @@ import pytest
 
 from tasks import artifacts
 from tasks.config import load_config
-from tasks.generate import answer, compile_for_generation, make_sampler, stop_token_ids
+from tasks.generate import answer, compile_for_generation, stop_token_ids
 from tasks.prompt_suite import load_suite
 from tasks.storage import StageInputError
 
@@ -43,7 +43,7 @@ def test_stop_and_max_length_are_read_from_token_ids():
     cfg = load_config("tiny_test", {"max_length": "40", "generate_batch_size": "2"})
     keras.utils.set_random_seed(0)
     lm = load_causal_lm("tiny:gemma")
-    lm.compile(sampler=make_sampler(cfg))
+    compile_for_generation(lm, cfg)
     prompts = load_suite("v1")["prompts"][:3]
     free = answer(lm, prompts, cfg, "test", stops=[])
     for a in free:  # no stop token: every answer runs to max_length
@@ -121,17 +121,16 @@ def test_one_model_answers_as_a_fresh_base_and_a_fresh_tuned_model(tiny_run):
         if tuned:
             lm.backbone.enable_lora(rank=cfg.lora_rank)
             lm.backbone.load_lora_weights(str(adapter))
-        lm.compile(sampler=make_sampler(cfg))
+        compile_for_generation(lm, cfg)
         return [a["text"] for a in answer(lm, prompts, cfg, "fresh")]
 
     for model in ("base", "tuned"):
         assert [a["text"] for a in data["models"][model][:6]] == fresh(model == "tuned")
     # The sampler's random state goes back to its seed between the models.
     topk = load_config("tiny_test", {"sampler": "top_k", "top_k": "5"})
-    sampler = make_sampler(topk)
-    start = [g.state.numpy() for g in sampler._seed_generators]
     lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
-    lm.compile(sampler=sampler)
+    sampler = compile_for_generation(lm, topk)
+    start = [g.state.numpy() for g in sampler._seed_generators]
     first = [a["text"] for a in answer(lm, prompts, topk, "top-k")]
     again = [a["text"] for a in answer(lm, prompts, topk, "top-k")]
     reset_sampler(sampler, start)
