@@ -18,7 +18,7 @@ export GEMMA_MODELS_DIR ?= $(CURDIR)/.cache/models
 export GEMMA_RUN_ROOT ?= $(CURDIR)/artifacts
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup browser demo test ui chat mlflow clean
+.PHONY: setup browser demo test check ui chat mlflow clean
 
 setup: $(VENV)/.installed
 
@@ -68,8 +68,15 @@ browser:
 	@command -v chromium > /dev/null && command -v chromedriver > /dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null)
 
+# The whole suite, every tier (tests/README.md): two xdist workers on a 2-core machine, a test
+# module's tests on one worker, the tests sharing a server in one group.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed $(VENV)/.parity browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The edit loop: the unit and model tiers (no Airflow server, no parity runtimes, no real model).
+check: $(VENV)/.installed
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "unit or model"
 
 # Airflow UI on http://127.0.0.1:8080 with this DAG; the admin password is printed below.
 ui: $(AIRFLOW_HOME)/airflow.db

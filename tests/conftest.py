@@ -36,6 +36,28 @@ DOLLY_FULL = Path(os.environ.get("DOLLY_FULL_JSONL", REPO.parent / "shared" / "d
 DOLLY_OLDREV = DOLLY_FULL.parent.parent / "dolly-oldrev" / "dolly-15k-april2023-variants.jsonl"
 
 
+# Every test carries exactly one of these (pyproject.toml describes them; tests/README.md has the
+# commands and times): `make check` runs unit and model, `make test` all four.
+TIERS = ("unit", "model", "e2e", "real")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Collection fails on a test without exactly one tier marker, so `make check` misses nothing
+    by accident. Under xdist (`--dist loadgroup`) a module's tests stay on one worker, so its module
+    fixtures are built once; tests of the real model share one worker, which imports it once; tests
+    that share a server name their group themselves."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
+        elif item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group("real-model" if tiers == ["real"] else item.nodeid.split("::")[0]))
+    if wrong:
+        raise pytest.UsageError(f"every test needs exactly one tier marker of {', '.join(TIERS)}:\n  " + "\n  ".join(wrong))
+
+
 def airflow_bin() -> str:
     return str(Path(sys.executable).parent / "airflow")
 
@@ -57,17 +79,51 @@ def dolly_full() -> Path:
     return DOLLY_FULL
 
 
+# The stages a shared run goes through, in order, up to `until` (sweep and promote are not needed to
+# read one; export only when asked for: it is the stage that loads the parity runtimes).
+CHAIN = ("snapshot", "preprocess", "finetune", "generate", "report")
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """One complete tiny pipeline run (all five stages) that read-only tests share."""
-    from tasks import finetune, generate, preprocess, report, snapshot
+def trained_run(tmp_path_factory):
+    """A factory of tiny runs the session shares: `trained_run(until="report", **settings)` runs the
+    tiny_test config with these settings through the stage chain up to `until`, once per session for
+    each distinct (until, settings). The folder is read-only for the tests: a test that changes a run
+    works on `copy_run(...)` of it."""
+    import importlib
+
     from tasks.config import load_config
 
-    run_dir = tmp_path_factory.mktemp("tiny-run")
-    cfg = load_config("tiny_test")
-    for stage in (snapshot, preprocess, finetune, generate, report):
-        stage.run(cfg, run_dir)
-    return run_dir
+    built: dict = {}
+
+    def get(until: str = "report", **settings) -> Path:
+        key = (until, tuple(sorted((k, str(v)) for k, v in settings.items())))
+        if key not in built:
+            run_dir = tmp_path_factory.mktemp(f"trained-{until}") / "run"
+            cfg = load_config("tiny_test", dict(key[1]))
+            chain = CHAIN[:4] + ("export",) if until == "export" else CHAIN[: CHAIN.index(until) + 1]
+            for stage in chain:
+                importlib.import_module(f"tasks.{stage}").run(cfg, run_dir)
+            built[key] = run_dir
+        return built[key]
+
+    return get
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A copy of a shared run to change: stage fingerprints travel with it, so a stage rerun on the
+    copy with the same inputs is a no-op; its MLflow state (tracking/*.json) stays behind, so the
+    copy is tracked afresh."""
+    from tasks import tracking
+
+    shutil.copytree(run, dst, symlinks=True, ignore=shutil.ignore_patterns(tracking.STATE_DIR))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_run(trained_run) -> Path:
+    """One complete tiny pipeline run (snapshot to report) that read-only tests share."""
+    return trained_run("report")
 
 
 def read_json(path: Path):

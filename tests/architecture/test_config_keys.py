@@ -12,6 +12,8 @@ import pytest
 from tasks import config
 from tasks.artifacts import STAGES
 
+pytestmark = pytest.mark.unit
+
 
 def unaccounted(cls=config.Config) -> list[str]:
     """Fields that name no stage and give no reason for affecting none, or that do both."""

@@ -10,6 +10,8 @@ import pytest
 
 from tasks.artifacts import STAGES
 
+pytestmark = pytest.mark.unit
+
 TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
 

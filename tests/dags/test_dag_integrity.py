@@ -10,6 +10,8 @@ import pytest
 from tasks import artifacts
 from tasks.config import load_config, read_config_file
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
 STAGES = list(artifacts.STAGES)

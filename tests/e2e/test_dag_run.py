@@ -10,6 +10,8 @@ import pytest
 from tasks import artifacts
 from tests.conftest import airflow_bin
 
+pytestmark = pytest.mark.e2e
+
 STAGES = list(artifacts.STAGES)
 # Skipped, not failed, when the quality gate fails: nothing to export, nothing to promote.
 GATED = ("export", "promote")

@@ -18,6 +18,8 @@ from tasks.config import load_config
 from tests.e2e.airflow_api import free_port
 from tests.e2e.test_ui_browser import CHROMEDRIVER, CHROMIUM
 
+pytestmark = pytest.mark.e2e
+
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 

@@ -9,6 +9,8 @@ import pytest
 from bench import own_data
 from tasks import artifacts
 
+pytestmark = pytest.mark.e2e
+
 SMALL = {"num_examples": 24, "heldout_examples": 8, "eval_examples": 4, "heldout_generate_examples": 4,
          "export_formats": ["keras"]}
 

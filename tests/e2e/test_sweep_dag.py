@@ -9,6 +9,8 @@ from pathlib import Path
 from tasks import artifacts
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 VARIANTS = [{"lora_rank": 2}, {"lora_rank": 4, "learning_rate": 0.003}, {"lora_rank": 3}]
 LOGICAL_DATE = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 

@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.airflow_api import DAG_ID, call, standalone, wait_for
+from tests.e2e.airflow_api import DAG_ID, call, wait_for
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("airflow-standalone")]
+
+
 @pytest.fixture(scope="module")
-def airflow_server(tmp_path_factory):
+def browser():
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("Chromium and chromedriver are needed: apt-get install chromium chromium-driver (make test does)")
-    with standalone(tmp_path_factory.mktemp("airflow-ui")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
-def finished_run(airflow_server):
+def finished_run(airflow_server, browser):
+    """A run triggered through the REST API on the shared server (tests/e2e/conftest.py), finished."""
     base, token = airflow_server["base"], airflow_server["token"]
-    wait_for("the DAG to be parsed", lambda: call(f"{base}/api/v2/dags/{DAG_ID}", token=token)[0] == 200, timeout=180)
-    status, body = call(f"{base}/api/v2/dags/{DAG_ID}", "PATCH", {"is_paused": False}, token)
-    assert status == 200, body
     status, run = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", "POST",
                        {"logical_date": None, "conf": {"num_examples": 16}}, token)
     assert status in (200, 201), run

@@ -13,6 +13,8 @@ import pytest
 from tasks.gpu_check import GpuUnavailableError, require_gpu
 from tests.k8s.conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 
 def fake_tensorflow(gpus: list[str]) -> types.ModuleType:
     """Just the TensorFlow calls the check makes, answering as a CUDA build on a node with `gpus`."""

@@ -17,6 +17,8 @@ from tests.k8s.conftest import REPO
 from tests.k8s.fake_kube_api import Script
 from tests.k8s.test_pod_execute import TRAINING_LOG, run_pod_task
 
+pytestmark = pytest.mark.unit
+
 DOCKER = REPO / "docker"
 MANIFESTS = sorted((DOCKER / "k8s").glob("*.yaml"))
 

@@ -19,6 +19,8 @@ from tests.k8s.conftest import (
 from tests.k8s.fake_kube_api import Script
 from tests.k8s.test_pod_execute import TRAINING_LOG, run_pod_task
 
+pytestmark = pytest.mark.unit
+
 SECRETS = (FAKE_KAGGLE_KEY, FAKE_KAGGLE_USERNAME)
 
 

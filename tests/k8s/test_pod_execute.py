@@ -16,6 +16,8 @@ import structlog
 from tests.k8s.conftest import GPU_STAGES, task_context
 from tests.k8s.fake_kube_api import Script
 
+pytestmark = pytest.mark.unit
+
 TRAINING_LOG = [
     "INFO gemma_pipeline: stage finetune: run dir /runs/manual__x, config gemma_2b_lora",
     "INFO gemma_pipeline: gpu check: TensorFlow 2.21.0 (CUDA 12.5.1, cuDNN 9) sees 1 GPU(s)",

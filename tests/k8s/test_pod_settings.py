@@ -10,6 +10,8 @@ import pytest
 from tasks.k8s_pod import SETTINGS, PodSettingError, gpu_stage_operator, pod_settings
 from tests.k8s.conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def clean_settings(monkeypatch):

@@ -22,6 +22,8 @@ from kubernetes.utils import parse_quantity
 from tasks.artifacts import STAGES
 from tests.k8s.conftest import DAG_FILE, DAG_ID, GPU_STAGES, REPO, RUN_ID, kubernetes_env, task_context
 
+pytestmark = pytest.mark.unit
+
 # A cluster version a couple of years old and the newest schema kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30", "1.37")
 TRIGGER_CONF = {

@@ -10,6 +10,8 @@ from tasks.batching import encode
 from tasks.models import load_causal_lm
 from tasks.prompt_template import END_OF_TURN, example
 
+pytestmark = pytest.mark.model
+
 
 def logits(lm, texts, length=48):
     import keras
@@ -24,8 +26,8 @@ CHAT = [example("Name a fruit.", "An apple.", "gemma_chat"), example("Say hi.", 
 
 
 @pytest.mark.parametrize("preset", ["tiny:gemma", "tiny:gemma3"])
-def test_token_rows_equal_a_model_with_those_embedding_rows_changed(preset, tmp_path):
-    models = str(tmp_path / "models")
+def test_token_rows_equal_a_model_with_those_embedding_rows_changed(preset):
+    models = ""  # the session's models folder: each tiny model is built once
     lm = load_causal_lm(preset, models, 48)
     base = logits(lm, CHAT)
     ids = adapter.template_token_ids(lm.preprocessor.tokenizer, "gemma_chat", "auto")
@@ -57,7 +59,7 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     from tasks import training
     from tasks.config import load_config
 
-    models = str(tmp_path / "models")
+    models = ""  # the session's models folder: each tiny model is built once
     cfg = load_config("tiny_test", {"learning_rate": "0.01", "prompt_template": "gemma_chat", "batch_size": "2",
                                "sequence_length": "48", "train_mode": "tutorial"})
     lm = load_causal_lm("tiny:gemma3", models, 48)

@@ -18,6 +18,8 @@ from tasks.config import BUNDLED_DOLLY, ConfigError, load_config
 from tasks.snapshot import SnapshotError
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.model
+
 SECRET_TEXT = "PLEASE-DO-NOT-COPY-ME"  # in every bad record: none of it may reach the manifest
 
 

@@ -1,6 +1,10 @@
+import pytest
+
 from tasks.batching import encode
 from tasks.models import load_tokenizer
 from tasks import prompt_template as pt
+
+pytestmark = pytest.mark.model
 
 
 def example(instruction, response):
@@ -35,7 +39,6 @@ import itertools  # noqa: E402
 import random  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 from tasks.batching import Step, choose_widths, epoch_orders, plan_batches, plan_orders, step_arrays  # noqa: E402
 

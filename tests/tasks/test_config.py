@@ -7,6 +7,8 @@ import pytest
 import tasks
 from tasks.config import Config, ConfigError, load_config, parse_overrides
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["snapshot", "preprocess", "finetune", "generate", "report"]
 

@@ -14,6 +14,8 @@ from tasks.batching import encode
 from tasks.config import BUNDLED_DOLLY, ConfigError, load_config
 from tasks.snapshot import SnapshotError
 
+pytestmark = pytest.mark.model
+
 DOLLY = [json.loads(x) for x in BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines()[:40]]
 
 

@@ -1,7 +1,7 @@
 """Data-parallel fine-tuning (tf.distribute.MirroredStrategy) on two logical CPU devices, in fresh
 processes (`tests.tasks.two_cpus`): the same losses and LoRA weights as one device at the same
-global batch, on tiny Gemma and tiny Gemma 3, in both train modes; a run killed on two devices
-resumes on one to the same weights; the boolean padding-mask trap."""
+global batch, on tiny Gemma and tiny Gemma 3, in both train modes; the boolean padding-mask trap.
+A run killed on two devices and resumed on two or on one is test_faults' killed run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import pytest
 from tasks import artifacts, preprocess, snapshot, training
 from tasks.config import load_config
 from tests.conftest import REPO
-from tests.tasks.test_faults import kill_after_checkpoint, lora_weights
+from tests.tasks.test_faults import lora_weights
+from tests.tasks.two_cpus import finetune_argv, run as two_cpus
+
+pytestmark = pytest.mark.e2e
 
 COMBOS = [("tiny:gemma", "tutorial"), ("tiny:gemma", "fast"), ("tiny:gemma3", "tutorial"), ("tiny:gemma3", "fast")]
 BASE = {"num_examples": "24", "heldout_examples": "8", "eval_examples": "4", "batch_size": "4", "sequence_length": "64",
@@ -27,18 +30,6 @@ def prepared(run_dir, settings):
     cfg = load_config("tiny_test", settings)
     snapshot.run(cfg, run_dir)
     preprocess.run(cfg, run_dir)
-
-
-def finetune_argv(run_dir, settings):
-    argv = ["--config", "tiny_test", "--run-dir", str(run_dir)]
-    for k, v in settings.items():
-        argv += ["--set", f"{k}={v}"]
-    return argv
-
-
-def two_cpus(argvs, **kw):
-    return subprocess.run([sys.executable, "-m", "tests.tasks.two_cpus", json.dumps(argvs)], cwd=REPO,
-                          capture_output=True, text=True, timeout=1200, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -120,30 +111,3 @@ for dtype in ("int32", "bool"):
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("int32", "bool"))]
     assert lines == ["int32 ok", "bool failed InvalidArgumentError True"], done.stderr[-3000:]
-
-
-@pytest.mark.parametrize("resume_on", ["auto", "off"], ids=["resumed on two devices", "resumed on one device"])
-def test_killed_on_two_devices_resumes_to_the_same_weights(tmp_path, resume_on):
-    """Killed mid-run under the strategy, the retry resumes from its checkpoint, on two devices again
-    or on one (the step plan does not depend on the number of devices), and the run ends where an
-    uninterrupted one-device run does."""
-    settings = {**BASE, "model_preset": "tiny:gemma3", "train_mode": "fast", "num_examples": "64", "batch_size": "2",
-                "epochs": "2", "checkpoint_every_steps": "4", "log_every_steps": "4", "sequence_length": "32"}
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    for d in (killed, clean):
-        prepared(d, settings)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.tasks.two_cpus",
-                             json.dumps([finetune_argv(killed, {**settings, "data_parallel": "auto"})])],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = kill_after_checkpoint(proc, killed, timeout=600)
-
-    resumed = two_cpus([finetune_argv(killed, {**settings, "data_parallel": resume_on})])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"RESUMING from the checkpoint at step {killed_at}/64" in resumed.stderr
-    result = artifacts.read_finetune_result(killed)
-    assert result["resumed_from_step"] == killed_at and result["training"]["replicas"] == (2 if resume_on == "auto" else 1)
-    assert two_cpus([finetune_argv(clean, {**settings, "data_parallel": "off"})]).returncode == 0
-    a, b = lora_weights(artifacts.adapter_path(killed)), lora_weights(artifacts.adapter_path(clean))
-    for name in a:
-        if a[name].dtype.kind == "f":
-            np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)

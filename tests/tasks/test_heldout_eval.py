@@ -10,6 +10,8 @@ from tasks.heldout_eval import score_heldout, summary
 from tasks.models import load_causal_lm
 from tasks.prompt_template import example, instruction_prompt
 
+pytestmark = pytest.mark.model
+
 
 def full_width_scores(lm, rows, sequence_length):
     """The plain definition: every example padded to the sequence length, cross-entropy in numpy."""
@@ -25,9 +27,9 @@ def full_width_scores(lm, rows, sequence_length):
 
 
 @pytest.mark.parametrize("preset,xla", [("tiny:gemma", False), ("tiny:gemma3", False), ("tiny:gemma3", True)])
-def test_bucketed_scores_equal_full_width_scores(preset, xla, tmp_path):
+def test_bucketed_scores_equal_full_width_scores(preset, xla):
     """Graph (any width) and XLA (two widths, short batches filled with empty rows) alike."""
-    lm = load_causal_lm(preset, str(tmp_path / "models"), 64)
+    lm = load_causal_lm(preset, "", 64)
     pairs = [("Say " + "hello " * k, "ok " * (k % 5 + 1)) for k in range(11)]
     rows = [{"prompt": instruction_prompt(i, "tutorial"), "text": example(i, r, "tutorial")} for i, r in pairs]
     scores = score_heldout(lm, rows, 64, batch_size=4, xla=xla)
@@ -45,13 +47,13 @@ def test_bucketed_scores_equal_full_width_scores(preset, xla, tmp_path):
     assert "per_example" not in summary(scores) and summary(scores)["loss"] == scores["loss"]
 
 
-def test_lora_enabled_at_zero_scores_exactly_as_the_base(tmp_path):
+def test_lora_enabled_at_zero_scores_exactly_as_the_base():
     """finetune enables LoRA (and the chat template's token rows) before scoring the base model
     (one traced scorer for both): the B matrices and rows start at zero, so the base scores are the
     base model's, to the last digit."""
     from tasks import adapter
 
-    lm = load_causal_lm("tiny:gemma3", str(tmp_path / "models"), 64)
+    lm = load_causal_lm("tiny:gemma3", "", 64)
     rows = [{"prompt": instruction_prompt(f"Name {k} fruits.", "tutorial"), "text": example(f"Name {k} fruits.", "apple " * k, "tutorial")}
             for k in range(1, 7)]
     before = score_heldout(lm, rows, 64, batch_size=4)

@@ -6,6 +6,8 @@ from tasks import metrics
 from tasks.config import load_config
 from tasks.evaluation import gate
 
+pytestmark = pytest.mark.unit
+
 
 def test_words_and_distinct_by_hand():
     toks = metrics.words("The cat saw the cat.")

@@ -7,6 +7,8 @@ from tasks import records as record_shape
 from tasks.config import ConfigError, load_config
 from tasks.storage import StageInputError
 
+pytestmark = pytest.mark.model
+
 
 def run_both(run_dir, **overrides):
     cfg = load_config("tiny_test", {k: str(v) for k, v in overrides.items()})

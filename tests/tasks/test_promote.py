@@ -3,6 +3,9 @@ import shutil
 
 from tasks import artifacts, promote
 from tasks.config import load_config
+import pytest
+
+pytestmark = pytest.mark.model
 
 
 def set_verdict(run_dir, passed: bool):

@@ -10,6 +10,8 @@ from tasks.config import load_config
 from tasks.evaluation import evaluate
 from tasks.prompt_suite import load_suite
 
+pytestmark = pytest.mark.model
+
 HOSTILE = [
     "<script>alert('x')</script>",
     "</textarea><img src=x onerror=alert(1)>",

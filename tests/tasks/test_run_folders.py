@@ -9,6 +9,8 @@ import pytest
 from tasks import artifacts
 from tasks.airflow_settings import run_dir_for, run_folder_name, runs_dir
 
+pytestmark = pytest.mark.unit
+
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 

@@ -25,6 +25,7 @@ def cfg_for(source, **kw):
     return load_config("tiny_test", {"dataset_source": str(source), **kw})
 
 
+@pytest.mark.unit
 def test_bundled_snapshot_manifest(tmp_path):
     result = snapshot.run(load_config("tiny_test"), tmp_path)
     manifest = artifacts.read_snapshot_manifest(tmp_path)
@@ -37,6 +38,7 @@ def test_bundled_snapshot_manifest(tmp_path):
     assert (tmp_path / "snapshot" / "_SUCCESS").is_file()
 
 
+@pytest.mark.unit
 def test_full_dolly_file(tmp_path, dolly_full):
     started = time.time()
     result = snapshot.run(cfg_for(dolly_full), tmp_path)
@@ -49,6 +51,7 @@ def test_full_dolly_file(tmp_path, dolly_full):
     print(f"full Dolly snapshot in {time.time() - started:.1f} s")
 
 
+@pytest.mark.unit
 def test_content_hash_ignores_format_but_not_content(tmp_path, dolly_full):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -64,6 +67,7 @@ def test_content_hash_ignores_format_but_not_content(tmp_path, dolly_full):
     assert snapshot.run(cfg_for(tmp_path / "e.jsonl"), tmp_path / "c")["sha256"] != a["sha256"]
 
 
+@pytest.mark.unit
 def test_rerun_is_a_no_op_and_a_changed_file_is_redone(tmp_path, dolly_full):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(dolly_full.read_text().splitlines(keepends=True)[:50]))
@@ -78,6 +82,7 @@ def test_rerun_is_a_no_op_and_a_changed_file_is_redone(tmp_path, dolly_full):
     assert snapshot.run(cfg_for(src), run_dir)["row_count"] == 51
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("policy", ["fail", "skip"])
 @pytest.mark.parametrize(
     "line, words",
@@ -106,6 +111,7 @@ def test_bad_records_name_line_and_field(tmp_path, line, words, policy):
     assert not (tmp_path / "snapshots").exists()  # the shared store is not touched either
 
 
+@pytest.mark.unit
 def test_hub_fails_fast_when_switched_off(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.time()
@@ -115,6 +121,7 @@ def test_hub_fails_fast_when_switched_off(tmp_path, monkeypatch):
     assert "hub" in str(e.value) and "dataset_source" in str(e.value)
 
 
+@pytest.mark.unit
 def test_hub_unreachable_fails_fast_via_cli(tmp_path):
     # A loopback port nobody listens on stands in for a hub that cannot be reached.
     with socket.socket() as s:
@@ -200,6 +207,7 @@ def ids_of(path: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
+@pytest.mark.unit
 def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, dolly_full, dolly_second_revision):
     revision2, relations = dolly_second_revision
     runs = tmp_path / "runs"  # run folders live in <run root>/runs/<run id>
@@ -252,6 +260,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     print(f"old-revision refresh: {third['rows_added']} added, {third['rows_removed']} removed, {third['rows_changed']} changed")
 
 
+@pytest.mark.unit
 def test_retry_after_the_store_was_updated_still_reports_the_change(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
@@ -264,6 +273,7 @@ def test_retry_after_the_store_was_updated_still_reports_the_change(tmp_path):
     assert snapshot.run(cfg_for(src), runs / "r2")["changed"] is False  # another run: unchanged
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_a_damaged_snapshot_in_the_store_is_never_reused(tmp_path, caplog, damage):
     """The store records each snapshot's records.jsonl sha256; a truncated or edited file is detected,
@@ -299,6 +309,7 @@ def test_a_damaged_snapshot_in_the_store_is_never_reused(tmp_path, caplog, damag
     assert (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes() == good
 
 
+@pytest.mark.unit
 def test_manifest_records_preflight_and_validation(tmp_path):
     snapshot.run(load_config("tiny_test"), tmp_path / "runs" / "r1")
     m = manifest_of(tmp_path / "runs" / "r1")
@@ -307,6 +318,7 @@ def test_manifest_records_preflight_and_validation(tmp_path):
     assert (v["policy"], v["rows_read"], v["rows_bad"], v["bad_by_reason"]) == ("skip", 1700, 0, {})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("phase", ["run folder", "store"])
 def test_killed_while_writing_leaves_nothing_half_written(tmp_path, dolly_full, phase):
     runs = tmp_path / "runs"
@@ -334,6 +346,7 @@ def test_killed_while_writing_leaves_nothing_half_written(tmp_path, dolly_full, 
     assert not list(store.glob(".*.tmp-*"))  # the killed attempt's temp folder is gone
 
 
+@pytest.mark.e2e
 def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.asset import AssetEvent, AssetModel

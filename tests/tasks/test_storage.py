@@ -9,6 +9,8 @@ import pytest
 
 from tasks import storage
 
+pytestmark = pytest.mark.unit
+
 
 def dead_pid() -> int:
     """The pid of a process that has exited (a killed attempt's)."""

@@ -10,6 +10,8 @@ from tasks.cli import stage_main
 from tasks.storage import error_path
 from tasks.config import ConfigError, load_config
 
+pytestmark = pytest.mark.unit
+
 
 def test_no_variants_is_one_unnamed_variant_that_writes_to_the_run_dir(tmp_path):
     plan = variants.plan_variants(load_config("tiny_test"))

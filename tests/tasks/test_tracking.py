@@ -11,6 +11,8 @@ import pytest
 from tasks import artifacts, promote, report, track, tracking
 from tasks.config import load_config
 
+pytestmark = pytest.mark.model
+
 
 def copy_run(tiny_run: Path, root: Path, name: str) -> Path:
     """The session's tiny run under another run root (its own MLflow store), as run `name`."""
