@@ -35,7 +35,8 @@ def dag_run(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("gemma_lora_finetune")
-    return dag.test(run_conf={"num_examples": 24, "lora_rank": 2})
+    # One export format: the formats and their runtimes are tests/tasks/test_export.py's.
+    return dag.test(run_conf={"num_examples": 24, "lora_rank": 2, "export_formats": ["keras"]})
 
 
 def test_dag_test_runs_every_stage(dag_run):
