@@ -20,7 +20,7 @@ import json
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
-from tasks.airflow_settings import DAG_ID, retries, run_dir_for, run_root, setting
+from tasks.airflow_settings import DAG_ID, retries, run_dir_for, run_root, schedule, setting
 from tasks.artifacts import asset_uri
 from tasks.cli import stage_argv
 from tasks.config import Config, read_config_file, trigger_form
@@ -161,7 +161,7 @@ def promote() -> dict:
 
 @dag(
     dag_id=DAG_ID,
-    schedule="@weekly",
+    schedule=schedule(),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,

@@ -41,6 +41,16 @@ def retries() -> tuple[int, int]:
     return out[0], out[1]
 
 
+SCHEDULE_DEFAULT = "@weekly"
+
+
+def schedule() -> str | None:
+    """[gemma] schedule: when Airflow starts a run on its own, as a cron expression or preset
+    (`@weekly`, `@daily`, `0 3 * * 1`); `none`: manual and API triggers only."""
+    value = setting("schedule", SCHEDULE_DEFAULT).strip()
+    return None if value.lower() == "none" else value
+
+
 def run_root() -> Path:
     default = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "gemma_runs"
     return Path(setting("run_root", str(default))).expanduser()

@@ -7,6 +7,8 @@ building tiny models is deterministic and importing the real GGUF takes about a 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -41,19 +43,30 @@ DOLLY_OLDREV = DOLLY_FULL.parent.parent / "dolly-oldrev" / "dolly-15k-april2023-
 TIERS = ("unit", "model", "e2e", "real")
 
 
+def _shares_module_state(item) -> bool:
+    """Whether the test uses a fixture its own module defines with a scope wider than the test: the
+    module's tests must then run on one xdist worker, or each worker builds that fixture again."""
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        if defs and defs[-1].scope != "function" and getattr(defs[-1].func, "__module__", None) == item.module.__name__:
+            return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Collection fails on a test without exactly one tier marker, so `make check` misses nothing
-    by accident. Under xdist (`--dist loadgroup`) a module's tests stay on one worker, so its module
-    fixtures are built once; tests of the real model share one worker, which imports it once; tests
-    that share a server name their group themselves."""
+    by accident. Under xdist (`--dist loadgroup`) the tests of a module that share its fixtures run
+    on one worker, so those are built once; tests that share a server name their group themselves;
+    every other test goes to whichever worker is free. Session fixtures of conftest files are
+    shared across workers through `shared_dir`."""
     wrong = []
     for item in items:
         tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
         if len(tiers) != 1:
             wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
-        elif item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group("real-model" if tiers == ["real"] else item.nodeid.split("::")[0]))
+        elif item.get_closest_marker("xdist_group") is None and _shares_module_state(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     if wrong:
         raise pytest.UsageError(f"every test needs exactly one tier marker of {', '.join(TIERS)}:\n  " + "\n  ".join(wrong))
 
@@ -79,33 +92,59 @@ def dolly_full() -> Path:
     return DOLLY_FULL
 
 
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this session sees (each worker has its own session and temp
+    folder): what one worker builds there, under `built_once`, the other reuses."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@contextlib.contextmanager
+def built_once(folder: Path):
+    """Yields True when the caller must build `folder` (then marked done), False when another
+    worker (or an earlier call) built it; a second worker waits on the lock instead of building
+    the same thing on the same two cores."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    done = folder.parent / f"{folder.name}.done"
+    with (folder.parent / f"{folder.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file():
+            yield False
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        yield True
+        done.touch()
+
+
 # The stages a shared run goes through, in order, up to `until` (sweep and promote are not needed to
 # read one; export only when asked for: it is the stage that loads the parity runtimes).
 CHAIN = ("snapshot", "preprocess", "finetune", "generate", "report")
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
+def trained_run(shared_dir):
     """A factory of tiny runs the session shares: `trained_run(until="report", **settings)` runs the
     tiny_test config with these settings through the stage chain up to `until`, once per session for
-    each distinct (until, settings). The folder is read-only for the tests: a test that changes a run
-    works on `copy_run(...)` of it."""
+    each distinct (until, settings), whichever worker asks first. The folder is read-only for the
+    tests: a test that changes a run works on `copy_run(...)` of it. Each run has a run root of its
+    own (its snapshot store and MLflow store beside it)."""
     import importlib
 
-    from tasks.config import load_config
-
-    built: dict = {}
+    from tasks.config import fingerprint, load_config
 
     def get(until: str = "report", **settings) -> Path:
         key = (until, tuple(sorted((k, str(v)) for k, v in settings.items())))
-        if key not in built:
-            run_dir = tmp_path_factory.mktemp(f"trained-{until}") / "run"
-            cfg = load_config("tiny_test", dict(key[1]))
-            chain = CHAIN[:4] + ("export",) if until == "export" else CHAIN[: CHAIN.index(until) + 1]
-            for stage in chain:
-                importlib.import_module(f"tasks.{stage}").run(cfg, run_dir)
-            built[key] = run_dir
-        return built[key]
+        run_dir = shared_dir / "trained" / f"{until}-{fingerprint(key)}" / "runs" / "run"
+        with built_once(run_dir.parent.parent) as build:
+            if build:
+                cfg = load_config("tiny_test", dict(key[1]))
+                chain = CHAIN[:4] + ("export",) if until == "export" else CHAIN[: CHAIN.index(until) + 1]
+                for stage in chain:
+                    importlib.import_module(f"tasks.{stage}").run(cfg, run_dir)
+        return run_dir
 
     return get
 

@@ -59,6 +59,18 @@ def test_schedule_timeouts_and_params(dag):
     assert (params["bad_record_policy"], params["max_bad_share"]) == (cfg.bad_record_policy, cfg.max_bad_share) == ("skip", 0.05)
 
 
+@pytest.mark.parametrize("setting, schedule", [("0 3 * * 1", "0 3 * * 1"), ("none", None)])
+def test_the_schedule_is_a_setting(airflow_db, monkeypatch, setting, schedule):
+    """[gemma] schedule: a cron expression or preset, or `none` for manual and API triggers only."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("GEMMA_SCHEDULE", setting)
+    bag = DagBag(dag_folder=str(DAG_FILE))
+    assert bag.import_errors == {}
+    dag = bag.get_dag("gemma_lora_finetune")
+    assert dag.schedule == schedule and type(dag.timetable).__name__ == ("NullTimetable" if schedule is None else "CronTriggerTimetable")
+
+
 def test_param_schema_rejects_out_of_range(dag):
     from airflow.sdk.exceptions import ParamValidationError
 

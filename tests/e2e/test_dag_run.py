@@ -2,13 +2,12 @@
 
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tasks import artifacts
-from tests.conftest import airflow_bin
+from tests.e2e import airflow_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -36,16 +35,18 @@ def dag_run(airflow_db):
 
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("gemma_lora_finetune")
     # One export format: the formats and their runtimes are tests/tasks/test_export.py's.
-    return dag.test(run_conf={"num_examples": 24, "lora_rank": 2, "export_formats": ["keras"]})
+    dag_run = dag.test(run_conf={"num_examples": 24, "lora_rank": 2, "export_formats": ["keras"]})
+    # As dag.test left them (the `airflow tasks test` runs below record their own states).
+    return dag_run, {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
 
 
 def test_dag_test_runs_every_stage(dag_run):
     from airflow.utils.state import DagRunState
 
+    dag_run, tis = dag_run
     assert dag_run.state == DagRunState.SUCCESS
-    tis = dag_run.get_task_instances()
-    states = {ti.task_id: ti.state for ti in tis}
-    assert sorted((ti.task_id, ti.map_index) for ti in tis if ti.task_id in MAPPED) == [("finetune", 0), ("generate", 0)]
+    states = {task_id: state for (task_id, _), state in tis.items()}
+    assert sorted(k for k in tis if k[0] in MAPPED) == [("finetune", 0), ("generate", 0)]
     run_dir = run_dir_of(dag_run)
     # The gate decides promote's state: success when it passed, skipped (not failed) when it did not.
     # The Asset leaf succeeds (an event) when the snapshot changed, else it is skipped (no event); the
@@ -60,27 +61,35 @@ def test_dag_test_runs_every_stage(dag_run):
     assert result["config"]["lora_rank"] == 2 and result["examples"] == 24  # run conf reached the stage
 
 
-def tasks_test(task_id: str, run_id: str, *extra: str) -> tuple[str, str]:
-    out = subprocess.run(
-        [airflow_bin(), "tasks", "test", "gemma_lora_finetune", task_id, run_id, *extra],
-        capture_output=True, text=True, env=os.environ.copy(), timeout=600,
-    )
-    log = out.stdout + out.stderr
-    # `airflow tasks test` exits 0 even when the task fails: read the state it reports instead.
-    states = re.findall(r"new_state=(\w+)", log)
-    return (states[-1] if states else "unknown"), log
+# The run's XComs feed each task, as after a scheduler's run; the last command fails inside the task:
+# it passes the Param schema (a string) but names no file.
+BAD_SOURCE = "/no/such/dolly.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tasks_tested(dag_run) -> dict[str, tuple[str, str]]:
+    """{task id: (the state `airflow tasks test` reported, its output)} for every stage of the run,
+    and "bad snapshot" for the snapshot with a missing file. `airflow tasks test` exits 0 even when
+    the task fails, so the state is read from its output."""
+    dag_run, _ = dag_run
+    commands = [["tasks", "test", "gemma_lora_finetune", t, dag_run.run_id, *(["--map-index", "0"] if t in MAPPED else [])]
+                for t in STAGES]
+    commands.append(["tasks", "test", "gemma_lora_finetune", "snapshot", dag_run.run_id,
+                     "-t", f'{{"dataset_source": "{BAD_SOURCE}"}}'])
+    logs = airflow_cli.run(commands, os.environ.copy())
+    states = [(re.findall(r"new_state=(\w+)", log) or ["unknown"])[-1] for log in logs]
+    return dict(zip(STAGES + ["bad snapshot"], zip(states, logs)))
 
 
 @pytest.mark.parametrize("task_id", STAGES)
-def test_each_task_through_airflow_tasks_test(dag_run, task_id):
-    state, log = tasks_test(task_id, dag_run.run_id, *(["--map-index", "0"] if task_id in MAPPED else []))
-    expected = expected_promote_state(run_dir_of(dag_run)) if task_id in GATED else "success"
+def test_each_task_through_airflow_tasks_test(dag_run, tasks_tested, task_id):
+    state, log = tasks_tested[task_id]
+    expected = expected_promote_state(run_dir_of(dag_run[0])) if task_id in GATED else "success"
     assert state == expected, log[-3000:]
     assert f"running: python -m tasks.{task_id} --config tiny_test" in log
 
 
-def test_airflow_tasks_test_failure_is_seen(dag_run):
-    # Passes the Param schema (a string), fails inside the task: exit code 0, state failed.
-    state, log = tasks_test("snapshot", dag_run.run_id, "-t", '{"dataset_source": "/no/such/dolly.jsonl"}')
+def test_airflow_tasks_test_failure_is_seen(tasks_tested):
+    state, log = tasks_tested["bad snapshot"]
     assert state == "failed"
-    assert "dataset_source" in log and "/no/such/dolly.jsonl" in log
+    assert "dataset_source" in log and BAD_SOURCE in log

@@ -16,7 +16,7 @@ import pytest
 from tasks import tracking
 from tasks.config import load_config
 from tests.e2e.airflow_api import free_port
-from tests.e2e.test_ui_browser import CHROMEDRIVER, CHROMIUM
+from tests.e2e.browser import chromium, require_chromium, waiting
 
 pytestmark = pytest.mark.e2e
 
@@ -25,8 +25,7 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 @pytest.fixture(scope="module")
 def mlflow_ui(tiny_run, tmp_path_factory):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("Chromium and chromedriver are needed: apt-get install chromium chromium-driver (make test does)")
+    require_chromium()
     root = tmp_path_factory.mktemp("mlflow-ui")
     run = root / "runs" / "weekly-run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(tracking.STATE_DIR))
@@ -58,29 +57,16 @@ def mlflow_ui(tiny_run, tmp_path_factory):
     server.wait(timeout=30)
 
 
-def chromium():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-
-
 def test_mlflow_ui_shows_the_run_its_loss_curve_and_the_champion(mlflow_ui):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     import mlflow
 
     base, run, status = mlflow_ui
     client = mlflow.MlflowClient(tracking.tracking_uri(run))
     exp = client.get_experiment_by_name(tracking.EXPERIMENT)
-    driver = chromium()
+    driver = chromium("1400,1000")
     try:
-        wait = WebDriverWait(driver, 90)
+        wait = waiting(driver, 90)
         driver.get(f"{base}/#/experiments/{exp.experiment_id}/runs/{status['run_id']}/model-metrics")
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder*='metric']"))
         box.send_keys("loss")

@@ -1,77 +1,38 @@
-"""A person's view: Airflow on 127.0.0.1, a run triggered through the REST API, the run's report tab
-opened in headless Chromium (Debian's chromium + chromium-driver), and what the page shows.
+"""A person's view: Airflow on 127.0.0.1 with the two runs of tests/e2e/conftest.py's
+`scheduler_runs`: the sweep triggered from the trigger form, and a plain run (triggered through the
+REST API) whose report tab is opened in headless Chromium (Debian's chromium + chromium-driver).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.airflow_api import DAG_ID, call, wait_for
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
+from tests.e2e.airflow_api import DAG_ID, call, task_instances
+from tests.e2e.browser import logged_in_chromium, waiting
+from tests.e2e.conftest import SWEEP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("airflow-standalone")]
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("Chromium and chromedriver are needed: apt-get install chromium chromium-driver (make test does)")
-
-
-@pytest.fixture(scope="module")
-def finished_run(airflow_server, browser):
-    """A run triggered through the REST API on the shared server (tests/e2e/conftest.py), finished."""
-    base, token = airflow_server["base"], airflow_server["token"]
-    status, run = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", "POST",
-                       {"logical_date": None, "conf": {"num_examples": 16}}, token)
-    assert status in (200, 201), run
-    run_id = run["dag_run_id"]
-
-    def finished():
-        state = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", token=token)[1]["state"]
-        return state if state in ("success", "failed") else None
-
-    state = wait_for("the triggered run to finish", finished, timeout=900, every=5)
-    tis = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", token=token)[1]["task_instances"]
-    states = {t["task_id"]: t["state"] for t in tis}
-    assert state == "success", states
-    return run_id
-
-
-def logged_in_chromium(base: str, token: str, window: str = "1400,1800"):
-    """Headless Chromium with Airflow's session cookie set, as after a login."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={window}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.get(f"{base}/api/v2/monitor/health")  # a page on the origin, to set Airflow's session cookie
-    driver.add_cookie({"name": "_token", "value": token, "path": "/"})
-    return driver
+def finished_run(scheduler_runs) -> str:
+    """A run with one fine-tune (no sweep), finished."""
+    assert scheduler_runs["killed_state"] == "success"
+    return scheduler_runs["killed"]
 
 
 def open_report_tab(base: str, token: str, run_id: str, screenshot: Path | None = None) -> dict:
     """Open the run's report tab as a logged-in user; return what the page shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver = logged_in_chromium(base, token)
     try:
         driver.get(f"{base}/dags/{DAG_ID}/runs/{run_id}/plugin/gemma-quality-report")
-        wait = WebDriverWait(driver, 60)
+        wait = waiting(driver)
         frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe")))
         tab_text = driver.find_element(By.TAG_NAME, "body").text
         driver.switch_to.frame(frame)
@@ -142,53 +103,17 @@ def test_report_extra_link_on_the_report_task(airflow_server, finished_run):
 
 
 
-SWEEP = [{"lora_rank": 2}, {"lora_rank": 4, "learning_rate": 0.003}]
 
-
-def test_trigger_a_sweep_from_the_trigger_form(airflow_server, finished_run, tmp_path):
-    """What the README tells a user: Trigger -> the `variants` field -> a JSON list -> Trigger. The
-    scheduler then runs one finetune and one generate per variant, named by its overrides."""
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    base, token = airflow_server["base"], airflow_server["token"]
-    driver = logged_in_chromium(base, token, "1400,1400")
-    try:
-        driver.get(f"{base}/dags/{DAG_ID}")
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: [b for b in d.find_elements(By.TAG_NAME, "button") if b.text == "Trigger"])[0].click()
-        field = wait.until(lambda d: d.find_element(By.ID, "element_variants"))
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
-        field.click()
-        # The field is a JSON editor (Monaco) that completes brackets as one types: paste, as people do.
-        ActionChains(driver).key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).perform()
-        driver.execute_script(
-            "const dt = new DataTransfer(); dt.setData('text/plain', arguments[1]);"
-            "arguments[0].dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true}));",
-            field.find_element(By.CSS_SELECTOR, "[role=textbox]"), json.dumps(SWEEP),
-        )
-        wait.until(lambda d: "learning_rate" in field.find_element(By.CSS_SELECTOR, ".view-lines").text)
-        driver.save_screenshot(str(os.environ.get("GEMMA_TRIGGER_SCREENSHOT", tmp_path / "trigger-form.png")))
-        before = {r["dag_run_id"] for r in call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", token=token)[1]["dag_runs"]}
-        [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger"][-1].click()
-
-        def new_run():
-            runs = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", token=token)[1]["dag_runs"]
-            return next((r for r in runs if r["dag_run_id"] not in before), None)
-
-        run = wait_for("the run the form triggered", new_run, timeout=60, every=1)
-    finally:
-        driver.quit()
+def test_trigger_a_sweep_from_the_trigger_form(airflow_server, scheduler_runs):
+    """What the README tells a user: Trigger -> the `variants` field -> a JSON list -> Trigger
+    (tests/e2e/browser.py drives it). The scheduler then runs one finetune and one generate per
+    variant, named by its overrides."""
+    base, token, run_id = airflow_server["base"], airflow_server["token"], scheduler_runs["sweep"]
+    run = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", token=token)[1]
     assert run["conf"]["variants"] == SWEEP
-
-    def finished():
-        state = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", token=token)[1]["state"]
-        return state if state in ("success", "failed") else None
-
-    assert wait_for("the sweep to finish", finished, timeout=900, every=5) == "success"
-    tis = call(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances", token=token)[1]["task_instances"]
+    assert scheduler_runs["form_screenshot"].stat().st_size > 10_000
+    assert scheduler_runs["sweep_state"] == "success"
+    tis = task_instances(airflow_server, run_id)
     mapped = sorted((t["task_id"], t["map_index"], t["rendered_map_index"], t["state"]) for t in tis if t["map_index"] >= 0)
     assert mapped == [(task, i, label, "success") for task in ("finetune", "generate")
                       for i, label in enumerate(("lora_rank=2", "learning_rate=0.003, lora_rank=4"))]
