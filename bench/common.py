@@ -211,7 +211,7 @@ def quiet() -> None:
     quiet_tensorflow()
     import logging
 
-    from tasks.cli import setup_logging
+    from tasks.infra.cli import setup_logging
 
     setup_logging()
     logging.getLogger("gemma_pipeline").setLevel(logging.WARNING)

@@ -2,7 +2,7 @@
 
 What a configuration of the demo buys and costs: the pipeline's own stages (snapshot, preprocess,
 finetune, generate) run in one process on the config with the overrides, then the report's own
-evaluation (tasks.evaluation.evaluate). One row per call, appended to
+evaluation (tasks.evaluate.evaluation.evaluate). One row per call, appended to
 bench/results/demo_quality-cpu.json: the seconds of each stage, the held-out n, ROUGE-L of base and
 tuned with the 95% paired-bootstrap interval of the change, the response perplexity with its
 interval, the EOS-stop rates and the verdict words. The rows of one file are the sweep behind the
@@ -41,8 +41,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     env = common.start(args.shared_note)
     from tasks import finetune, generate, preprocess, snapshot
-    from tasks.config import load_config, parse_overrides
-    from tasks.evaluation import evaluate
+    from tasks.pipeline.config import load_config, parse_overrides
+    from tasks.evaluate.evaluation import evaluate
 
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)

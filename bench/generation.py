@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench import common
-from tasks import adapter
+from tasks.training import adapter
 
 
 def parse_args(argv=None):
@@ -75,10 +75,10 @@ def main(argv=None) -> dict:
     env = common.start(args.shared_note)
     import keras
 
-    from tasks.config import load_config, parse_overrides
+    from tasks.pipeline.config import load_config, parse_overrides
     from tasks.generate import answer, compile_for_generation
-    from tasks.models import load_causal_lm
-    from tasks.prompt_suite import load_suite
+    from tasks.modeling.presets import load_causal_lm
+    from tasks.pipeline.prompt_suite import load_suite
 
     base = load_config(args.config, parse_overrides(args.set))
     sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else [base.generate_batch_size]

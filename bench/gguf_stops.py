@@ -26,9 +26,9 @@ def main(argv=None) -> dict:
 
     import llama_cpp
 
-    from tasks import artifacts, storage
-    from tasks.prompt_suite import load_suite
-    from tasks.prompt_template import END_OF_TURN, instruction_prompt
+    from tasks.pipeline import artifacts, storage
+    from tasks.pipeline.prompt_suite import load_suite
+    from tasks.text.prompt_template import END_OF_TURN, instruction_prompt
 
     answers = artifacts.read_answers(args.run_dir)
     gguf = artifacts.path(args.run_dir, artifacts.EXPORT, artifacts.EXPORT_GGUF) / artifacts.GGUF_FILE.format(fmt=args.format)

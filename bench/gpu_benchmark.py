@@ -86,9 +86,9 @@ def workload(n: int, sequence_length: int, vocab: int, seed: int = 0) -> dict:
 def build_lm(shape: dict, policy: str):
     import keras_hub
 
-    from tasks import training
+    from tasks.training import loop
 
-    with training.dtype_policy(policy):
+    with loop.dtype_policy(policy):
         backbone = keras_hub.models.GemmaBackbone(**shape)
         return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
@@ -114,15 +114,15 @@ def reset_gpu_peak() -> None:
 def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: bool) -> dict:
     import keras
 
-    from tasks import training
-    from tasks.batching import input_lengths
-    from tasks.config import load_config
+    from tasks.training import loop
+    from tasks.text.batching import input_lengths
+    from tasks.pipeline.config import load_config
 
     n = args.steps * args.batch_size
     cfg = load_config("gemma_2b_lora", {"train_mode": mode, "batch_size": str(args.batch_size),
                                          "sequence_length": str(args.sequence_length), "num_examples": str(n),
                                          "data_parallel": "auto" if args.replicas > 1 else "off"})
-    engine = training.engine_for(cfg)
+    engine = loop.engine_for(cfg)
     if args.replicas > 1 and len(engine["devices"]) != args.replicas:
         sys.exit(f"--replicas {args.replicas}: training would use {len(engine['devices'])} devices "
                  f"({engine['devices']}); batch-size {args.batch_size} must be a multiple of it")
@@ -130,16 +130,16 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     keras.utils.set_random_seed(cfg.training_seed)
     keras.backend.clear_session()
     reset_gpu_peak()
-    scope = training.strategy(engine).scope()
+    scope = loop.strategy(engine).scope()
     scope.__enter__()
     t = time.time()
     lm = build_lm(shape, policy)
     build_s = time.time() - t
     params = int(lm.backbone.count_params())
-    trainer, optimizer, compiled = training.prepare(lm, cfg, engine)
+    trainer, optimizer, compiled = loop.prepare(lm, cfg, engine)
     trainable = int(sum(int(w.numpy().size) for w in lm.backbone.trainable_weights))
-    plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
-    fed = training.rows_fed(plan, cfg, engine)
+    plan = loop.train_plan(input_lengths(enc), cfg, engine["max_widths"])
+    fed = loop.rows_fed(plan, cfg, engine)
     times: list[float] = []
 
     class Timer(keras.callbacks.Callback):
@@ -150,7 +150,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
             times.append(time.perf_counter() - self.t)
 
     print(f"[gpu-bench] {mode}: {len(plan)} steps, policy {policy}, XLA {compiled['jit_compile']}", file=sys.stderr, flush=True)
-    train_s = training.fit(trainer, lm, enc, plan, cfg, [Timer()], engine=engine)
+    train_s = loop.fit(trainer, lm, enc, plan, cfg, [Timer()], engine=engine)
     scope.__exit__(None, None, None)
     real = [sum(int(enc["real_tokens"][i]) for i in s.rows) for s in plan]
     padded = [f * s.width for f, s in zip(fed, plan)]

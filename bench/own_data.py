@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.config import BUNDLED_DOLLY
+from tasks.pipeline.config import BUNDLED_DOLLY
 
 SYSTEM = "You are a helpful assistant. Answer in a few sentences."
 COLUMNS = {"instruction": "question", "response": "answer", "context": "passage", "category": "kind"}

@@ -36,8 +36,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # Not common.start(): its environment() imports TensorFlow, which is timed here on its own.
     common.quiet()
-    from tasks import artifacts, preprocess, snapshot
-    from tasks.config import load_config
+    from tasks import preprocess, snapshot
+    from tasks.pipeline import artifacts
+    from tasks.pipeline.config import load_config
 
     t = time.time()
     import keras_hub  # noqa: F401 - timed on its own: every stage process pays it once

@@ -83,8 +83,10 @@ def step_figures(history: list[dict], steps, lengths: dict[int, int], sequence_l
 def main(argv=None) -> dict:
     args = parse_args(argv)
     env = common.start(args.shared_note)
-    from tasks import artifacts, finetune, preprocess, snapshot, training
-    from tasks.config import load_config, parse_overrides
+    from tasks import finetune, preprocess, snapshot
+    from tasks.pipeline import artifacts
+    from tasks.training import loop
+    from tasks.pipeline.config import load_config, parse_overrides
 
     dataset = common.dolly_path(args.dataset)
     overrides = {
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
         wall = time.time() - t
         result = artifacts.read_finetune_result(run_dir)
         history = artifacts.read_history(run_dir)
-        steps = training.train_plan([min(lengths[i], cfg.sequence_length) for i in range(len(train_rows))], cfg)
+        steps = loop.train_plan([min(lengths[i], cfg.sequence_length) for i in range(len(train_rows))], cfg)
         assert len(steps) == len(history), (len(steps), len(history))
         if shape is None:
             shape = model_shape_from(cfg)
@@ -216,7 +218,7 @@ def main(argv=None) -> dict:
 
 def model_shape_from(cfg) -> dict:
     """The model's shape without keeping a model around: its preset's config.json."""
-    from tasks.models import resolve_preset
+    from tasks.modeling.presets import resolve_preset
 
     conf = json.loads((resolve_preset(cfg.model_preset, cfg.models_dir) / "config.json").read_text())
     c = conf["config"]

@@ -20,11 +20,11 @@ import json
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
-from tasks.airflow_settings import DAG_ID, retries, run_dir_for, run_root, schedule, setting
-from tasks.artifacts import asset_uri
-from tasks.cli import stage_argv
-from tasks.config import Config, read_config_file, trigger_form
-from tasks.storage import NOT_RETRIED
+from tasks.infra.airflow_settings import DAG_ID, retries, run_dir_for, run_root, schedule, setting
+from tasks.pipeline.artifacts import asset_uri
+from tasks.infra.cli import stage_argv
+from tasks.pipeline.config import Config, read_config_file, trigger_form
+from tasks.pipeline.storage import NOT_RETRIED
 
 
 RUNNER = setting("runner", "local")
@@ -36,7 +36,7 @@ RUN_ROOT = str(run_root())
 DEFAULTS = read_config_file(CONFIG)
 # Gets an event when a run's snapshot differs from the dataset's latest one (see snapshot_changed).
 SNAPSHOT_ASSET = Asset(asset_uri(DEFAULTS.get("dataset_hub_id", Config.dataset_hub_id)))
-# Every Param is a config key: its schema, range and description come from tasks.config.
+# Every Param is a config key: its schema, range and description come from tasks.pipeline.config.
 PARAMS = {k: Param(spec.pop("default"), **spec) for k, spec in trigger_form(DEFAULTS).items()}
 # What the variant's --variant argument (its overrides) replaces for finetune and generate.
 VARIANT_PARAMS = ("variants",)
@@ -186,7 +186,7 @@ def gemma_lora_finetune():
         if RUNNER == "kubernetes":
             # Production: the GPU stages run the same argv in a GPU pod (image and pod settings: [gemma]),
             # at most [gemma] max_parallel_pods variants at a time, in [gemma] pool.
-            from tasks.k8s_pod import gpu_stage_operator
+            from tasks.infra.k8s_pod import gpu_stage_operator
 
             tuned = gpu_stage_operator("finetune", templated_argv("finetune"), TIMEOUTS["finetune"], LABEL_TEMPLATE)
             answered = gpu_stage_operator("generate", templated_argv("generate"), TIMEOUTS["generate"], LABEL_TEMPLATE)
@@ -203,7 +203,7 @@ def gemma_lora_finetune():
     variants = variant.expand(spec=planned)
     if RUNNER == "kubernetes":
         # The merge needs the model in memory (~10 GB for Gemma-2B): a pod like the GPU stages'.
-        from tasks.k8s_pod import gpu_stage_operator
+        from tasks.infra.k8s_pod import gpu_stage_operator
 
         exported = gpu_stage_operator("export", templated_argv("export", mapped=False), TIMEOUTS["export"],
                                       trigger_rule="all_done_min_one_success")

@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from tasks import artifacts
-from tasks.prompt_template import instruction_prompt
+from tasks.pipeline import artifacts
+from tasks.text.prompt_template import instruction_prompt
 
 
 def default_champion() -> Path:
@@ -30,7 +30,7 @@ def load(champion: dict):
     export = champion.get("export") or {}
     if export.get("keras") and Path(export["keras"]).is_dir():
         return keras_hub.models.CausalLM.from_preset(export["keras"]), f"merged preset {export['keras']}"
-    from tasks.export_keras import tuned_model
+    from tasks.serving.export_keras import tuned_model
 
     lm = tuned_model(champion["model_preset"], "", champion["lora_rank"], Path(champion["adapter"]))
     return lm, f"{champion['model_preset']} + adapter {champion['adapter']}"

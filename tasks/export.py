@@ -11,7 +11,7 @@ Writes `export/` (formats: config key `export_formats`):
 - `hf/`: config.json, generation_config.json, model.safetensors, tokenizer files (transformers, vLLM, TGI);
 - `gguf/`: model-f16.gguf, model-q8_0.gguf and an Ollama `Modelfile` with the tuned prompt format;
 - `manifest.json`: every file's size and sha256, the source run, variant and adapter, the base preset,
-  the merge dtype and the parity results (tasks.parity) of each format.
+  the merge dtype and the parity results (tasks.serving.parity) of each format.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import artifacts, export_gguf, export_hf, export_keras, parity, storage, tracking
-from tasks.artifacts import EXPORT as STAGE
-from tasks.cli import stage_main
-from tasks.config import Config, fingerprint, stage_keys
-from tasks.evaluation import evaluate, evaluate_sweep, variant_states
-from tasks.prompt_suite import load_suite
-from tasks.prompt_template import instruction_prompt, text_stops
-from tasks.variants import VARIANTS_DIR, run_plan, variant_config
+from tasks.pipeline import artifacts, storage
+from tasks.infra import tracking
+from tasks.serving import export_gguf, export_hf, export_keras, parity
+from tasks.pipeline.artifacts import EXPORT as STAGE
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, fingerprint, stage_keys
+from tasks.evaluate.evaluation import evaluate, evaluate_sweep, variant_states
+from tasks.pipeline.prompt_suite import load_suite
+from tasks.text.prompt_template import instruction_prompt, text_stops
+from tasks.pipeline.variants import VARIANTS_DIR, run_plan, variant_config
 
 log = logging.getLogger("gemma_pipeline")
 

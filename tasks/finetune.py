@@ -1,7 +1,7 @@
 """python -m tasks.finetune --config cpu_demo --run-dir DIR [--set lora_rank=8]
 
 Stage 3: LoRA fine-tune of a keras-hub Gemma causal LM on the preprocessed training examples, with
-the Keras tutorial's recipe run by the training engine (tasks.training: `train_mode`, device, dtype,
+the Keras tutorial's recipe run by the training engine (tasks.training.loop: `train_mode`, device, dtype,
 loss, optimizer). Progress is logged every `log_every_steps` steps; a checkpoint every
 `checkpoint_every_steps` lets a retried task resume where a killed one stopped. Writes
 `adapter.lora.h5` (only the LoRA weights), `history.json` (per step) and `result.json` (config,
@@ -20,13 +20,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks import adapter, artifacts, storage, tracking, training
-from tasks.artifacts import FINETUNE as STAGE
-from tasks.batching import encode, input_lengths, plan_orders
-from tasks.checkpoints import Checkpoints
-from tasks.cli import stage_main
-from tasks.config import Config, fingerprint, stage_keys
-from tasks.heldout_eval import score_heldout, sums_fn, summary
+from tasks.pipeline import artifacts, storage
+from tasks.infra import tracking
+from tasks.training import adapter, loop
+from tasks.pipeline.artifacts import FINETUNE as STAGE
+from tasks.text.batching import encode, input_lengths, plan_orders
+from tasks.training.checkpoints import Checkpoints
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, fingerprint, stage_keys
+from tasks.evaluate.heldout_eval import score_heldout, sums_fn, summary
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -65,7 +67,7 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
 
     import keras
 
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     train = artifacts.read_train(run_dir)
     heldout = artifacts.read_heldout(run_dir)[: cfg.eval_examples]
@@ -79,7 +81,7 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
     lm = load_causal_lm(cfg.model_preset, cfg.models_dir, cfg.sequence_length)
     load_s = time.time() - t
     enc = encode(lm.preprocessor.tokenizer, train, cfg.sequence_length, cfg.loss_tokens)
-    plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
+    plan = loop.train_plan(input_lengths(enc), cfg, engine["max_widths"])
     # LoRA (and the template's token rows) on before anything is traced: the base and the tuned
     # model are scored by one function.
     adapter.enable(lm, cfg.lora_rank, adapter.template_token_ids(lm.preprocessor.tokenizer, cfg.prompt_template,
@@ -101,11 +103,11 @@ def score_base(s: Session) -> dict:
 def train(s: Session, base_scores: dict) -> Trained:
     cfg, lm, plan = s.cfg, s.lm, s.plan
     base_params = int(lm.backbone.count_params())
-    trainer, optimizer, compiled = training.prepare(lm, cfg, s.engine)
+    trainer, optimizer, compiled = loop.prepare(lm, cfg, s.engine)
     trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
     total = len(plan)
     orders = plan_orders(plan, len(s.train))
-    fed = training.rows_fed(plan, cfg, s.engine)
+    fed = loop.rows_fed(plan, cfg, s.engine)
     widths = [step.width for step in plan]
     history: list[dict] = []
     start = 0
@@ -130,9 +132,9 @@ def train(s: Session, base_scores: dict) -> Trained:
             s.checkpoints.save(step, lm, optimizer, history, base_scores, orders, s.train)
 
     real = [int(s.enc["real_tokens"][step.rows].sum()) for step in plan]
-    progress = training.make_progress_callback(total, fed[start:], cfg.log_every_steps, history, start, checkpoint,
+    progress = loop.make_progress_callback(total, fed[start:], cfg.log_every_steps, history, start, checkpoint,
                                                widths[start:], real[start:])
-    train_s = training.fit(trainer, lm, s.enc, plan, cfg, [progress], start, s.engine)
+    train_s = loop.fit(trainer, lm, s.enc, plan, cfg, [progress], start, s.engine)
     return Trained(history, start, train_s, base_params, trainable, compiled)
 
 
@@ -149,7 +151,7 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
     cfg, plan = s.cfg, s.plan
     adapter.save(s.lm, out / artifacts.ADAPTER)
     total = len(plan)
-    fed = training.rows_fed(plan, cfg, s.engine)
+    fed = loop.rows_fed(plan, cfg, s.engine)
     widths = [step.width for step in plan]
     real_tokens = int(s.enc["real_tokens"].sum()) * cfg.epochs
     # Token positions computed (rows fed x width), the padding included.
@@ -188,7 +190,7 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
         "heldout_tuned": tuned_scores,
         "final_loss": t.history[-1]["loss"] if t.history else None,
         "keras_version": keras.__version__,
-        "device": training.describe_device(),
+        "device": loop.describe_device(),
     }
     storage.write_json(out / artifacts.HISTORY, t.history)
     storage.write_json(out / artifacts.RESULT, result)
@@ -202,14 +204,14 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
 def tune(cfg: Config, run_dir: Path, out: Path, fp: str) -> dict:
     import keras
 
-    engine = training.engine_for(cfg)
+    engine = loop.engine_for(cfg)
     if engine["devices"]:
         log.info("finetune: data parallel over %d devices (%s): global batch %d, %d per device",
                  len(engine["devices"]), ", ".join(engine["devices"]), cfg.batch_size, cfg.batch_size // len(engine["devices"]))
     # The model, LoRA and the optimizer are built inside the strategy's scope (mirrored variables);
     # held-out scoring reads them on one device.
-    with training.dtype_policy(engine["dtype_policy"]):
-        with training.strategy(engine).scope():
+    with loop.dtype_policy(engine["dtype_policy"]):
+        with loop.strategy(engine).scope():
             s = setup(cfg, run_dir, engine, fp)
             base_scores = score_base(s)
             trained = train(s, base_scores)

@@ -3,7 +3,7 @@
 Stage 4: answer the fixed prompt suite, and the first `heldout_generate_examples` held-out
 instructions (never trained on), with the base model and with the tuned model (the same base
 weights plus the LoRA adapter from `finetune`). Prompts are rendered in the run's `prompt_template`
-(tasks.prompt_template; a held-out prompt is its conversation up to the final answer, as preprocess
+(tasks.text.prompt_template; a held-out prompt is its conversation up to the final answer, as preprocess
 rendered it), with the configured sampler and seed; an answer ends at <eos> (and at <end_of_turn>). Suite and held-out
 prompts are answered together, longest first, in the fewest batches of at most
 `generate_batch_size` (all of one size, so the generate function compiles once), by one loaded
@@ -22,13 +22,15 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import adapter, artifacts, storage, tracking
-from tasks.artifacts import GENERATE as STAGE
-from tasks.cli import stage_main
-from tasks.config import Config, fingerprint, stage_keys
-from tasks.prompt_suite import load_suite
-from tasks.prompt_template import instruction_prompt, stop_token_ids
-from tasks.variants import base_answers_dir
+from tasks.pipeline import artifacts, storage
+from tasks.infra import tracking
+from tasks.training import adapter
+from tasks.pipeline.artifacts import GENERATE as STAGE
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, fingerprint, stage_keys
+from tasks.pipeline.prompt_suite import load_suite
+from tasks.text.prompt_template import instruction_prompt, stop_token_ids
+from tasks.pipeline.variants import base_answers_dir
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -151,7 +153,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     def body(out: Path) -> dict:
         import keras
 
-        from tasks.models import load_causal_lm
+        from tasks.modeling.presets import load_causal_lm
 
         adapter_file = artifacts.adapter_path(run_dir)
         heldout = [

@@ -3,7 +3,7 @@
 Stage 2: turn the snapshot into training and held-out examples. Drops rows that have a `context`
 (the seed's choice; `drop_context: false` keeps them and puts the context into the prompt; empty
 instructions or responses and exact duplicates never get here: the snapshot drops and counts them
-as bad records), renders every conversation in the `prompt_template` (tasks.prompt_template: the
+as bad records), renders every conversation in the `prompt_template` (tasks.text.prompt_template: the
 text, and where its assistant turns are, for the loss mask), draws a seeded held-out split (kept
 with its reference answers: a held-out conversation's final answer) and, disjoint from it, a seeded
 training subset. Token lengths are measured with the model's own tokenizer; the manifest records
@@ -18,10 +18,11 @@ import logging
 import random
 from pathlib import Path
 
-from tasks import artifacts, prompt_template, records as records_lib, storage
-from tasks.artifacts import PREPROCESS as STAGE
-from tasks.cli import stage_main
-from tasks.config import Config, ConfigError, fingerprint, stage_keys
+from tasks.text import prompt_template, records as records_lib
+from tasks.pipeline import artifacts, storage
+from tasks.pipeline.artifacts import PREPROCESS as STAGE
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, ConfigError, fingerprint, stage_keys
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -114,7 +115,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     snap = storage.require(run_dir, artifacts.SNAPSHOT, STAGE)
 
     def body(out: Path) -> dict:
-        from tasks.models import load_tokenizer
+        from tasks.modeling.presets import load_tokenizer
 
         records = artifacts.read_records(run_dir)
         kept, dropped = filter_records(records, cfg.drop_context)

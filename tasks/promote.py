@@ -14,12 +14,13 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import artifacts, storage, tracking
-from tasks.artifacts import PROMOTE as STAGE
-from tasks.artifacts import champion_path
-from tasks.cli import stage_main
-from tasks.config import Config, fingerprint
-from tasks.variants import variant_path
+from tasks.pipeline import artifacts, storage
+from tasks.infra import tracking
+from tasks.pipeline.artifacts import PROMOTE as STAGE
+from tasks.pipeline.artifacts import champion_path
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, fingerprint
+from tasks.pipeline.variants import variant_path
 
 log = logging.getLogger("gemma_pipeline")
 

@@ -22,15 +22,16 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from tasks import artifacts, storage, tracking
-from tasks.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT
-from tasks.artifacts import REPORT as STAGE
-from tasks.cli import stage_main
-from tasks.config import Config, fingerprint, stage_keys
-from tasks.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
-from tasks.evaluation import history as evaluation_history
-from tasks.prompt_template import instruction_prompt
-from tasks.variants import run_plan, variant_config
+from tasks.pipeline import artifacts, storage
+from tasks.infra import tracking
+from tasks.pipeline.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT
+from tasks.pipeline.artifacts import REPORT as STAGE
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, fingerprint, stage_keys
+from tasks.evaluate.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
+from tasks.evaluate.evaluation import history as evaluation_history
+from tasks.text.prompt_template import instruction_prompt
+from tasks.pipeline.variants import run_plan, variant_config
 
 log = logging.getLogger("gemma_pipeline")
 

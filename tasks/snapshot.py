@@ -4,7 +4,7 @@ Stage 1: take a snapshot of the dataset (Databricks Dolly 15k by default), from 
 at a pinned revision and split (through `datasets`), from a local .jsonl/.json/.parquet/.csv file,
 or from the Dolly sample bundled in tasks/data. Runs the preflight checks first. Reads the records in
 their `dataset_format` (dolly, alpaca, messages, columns, or auto) and normalizes each to the one
-record shape of tasks.records (a conversation, a context and a category), validating every record
+record shape of tasks.text.records (a conversation, a context and a category), validating every record
 (bad_record_policy: skip and count, or fail on the first bad one). Writes `snapshot/records.jsonl`
 (one canonical JSON object a line, with a stable record id) and `snapshot/manifest.json` (source,
 revision, format, row count, sha256 of the content, per-category counts, multi-turn and context
@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
-from tasks import artifacts, preflight, records as records_lib, storage
-from tasks.artifacts import SNAPSHOT as STAGE
-from tasks.cli import stage_main
-from tasks.config import BUNDLED_DOLLY, Config, fingerprint, stage_keys
-from tasks.records import DOLLY_CATEGORIES as CATEGORIES, BadRecord, FormatError
+from tasks.text import records as records_lib
+from tasks.pipeline import artifacts, storage
+from tasks.modeling import preflight
+from tasks.pipeline.artifacts import SNAPSHOT as STAGE
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import BUNDLED_DOLLY, Config, fingerprint, stage_keys
+from tasks.text.records import DOLLY_CATEGORIES as CATEGORIES, BadRecord, FormatError
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -84,7 +86,7 @@ def object_rows(rows: Iterable[object], max_bytes: int) -> Iterator[tuple[str, o
 def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config,
             columns: list[str] | None = None) -> tuple[list[dict], dict]:
     """Normalize and validate every record under `bad_record_policy`; the good records (the shape of
-    tasks.records) and a validation summary, which names the format (and says when `auto` chose it).
+    tasks.text.records) and a validation summary, which names the format (and says when `auto` chose it).
 
     `columns` are the source's columns where it has a schema (Parquet, CSV, the hub); for JSON the
     first record's fields stand in. A `dataset_columns` mapping is checked against them before any

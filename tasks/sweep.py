@@ -1,9 +1,9 @@
 """python -m tasks.sweep --config cpu_demo --run-dir DIR [--set variants='[{"lora_rank": 8}]']
 
 Plans the run's LoRA variants from the config key `variants` (a list of overrides over
-tasks.config.VARIANT_KEYS) and writes `sweep/plan.json`. The DAG maps `finetune` and `generate` over
+tasks.pipeline.config.VARIANT_KEYS) and writes `sweep/plan.json`. The DAG maps `finetune` and `generate` over
 this plan: variant i runs both stages with `--variant '<its spec as JSON>'`, which applies its overrides
-on top of the run's config and puts its outputs in `<run dir>/variants/v<i>/` (tasks.variants).
+on top of the run's config and puts its outputs in `<run dir>/variants/v<i>/` (tasks.pipeline.variants).
 With no variants the plan is one unnamed variant without overrides, whose outputs stay in the run
 directory itself, as in a single run.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tasks import artifacts, storage
-from tasks.artifacts import SWEEP as STAGE
-from tasks.cli import stage_main
-from tasks.config import Config, fingerprint, stage_keys
-from tasks.variants import plan_variants, variant_path
+from tasks.pipeline import artifacts, storage
+from tasks.pipeline.artifacts import SWEEP as STAGE
+from tasks.infra.cli import stage_main
+from tasks.pipeline.config import Config, fingerprint, stage_keys
+from tasks.pipeline.variants import plan_variants, variant_path
 
 log = logging.getLogger("gemma_pipeline")
 

@@ -2,7 +2,7 @@
 
 Log to MLflow what a run's stages could not (the store was unreachable or locked when they ran):
 every piece whose `<run dir>/tracking/<piece>.json` says `pending`, replayed from what the run folder
-holds. Nothing is logged twice (see tasks.tracking). A tool, not a stage.
+holds. Nothing is logged twice (see tasks.infra.tracking). A tool, not a stage.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from tasks import tracking
+from tasks.infra import tracking
 
 
 def main(argv=None) -> int:

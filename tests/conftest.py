@@ -133,7 +133,7 @@ def trained_run(shared_dir):
     own (its snapshot store and MLflow store beside it)."""
     import importlib
 
-    from tasks.config import fingerprint, load_config
+    from tasks.pipeline.config import fingerprint, load_config
 
     def get(until: str = "report", **settings) -> Path:
         key = (until, tuple(sorted((k, str(v)) for k, v in settings.items())))
@@ -153,7 +153,7 @@ def copy_run(run: Path, dst: Path) -> Path:
     """A copy of a shared run to change: stage fingerprints travel with it, so a stage rerun on the
     copy with the same inputs is a no-op; its MLflow state (tracking/*.json) stays behind, so the
     copy is tracked afresh."""
-    from tasks import tracking
+    from tasks.infra import tracking
 
     shutil.copytree(run, dst, symlinks=True, ignore=shutil.ignore_patterns(tracking.STATE_DIR))
     return dst

@@ -1,4 +1,4 @@
-"""Every config key has one source of truth (its field in tasks.config.Config), and every key either
+"""Every config key has one source of truth (its field in tasks.pipeline.config.Config), and every key either
 changes some stage's outputs, and is then part of that stage's input fingerprint, or says why it
 changes none. A key in neither place would let a stage reuse stale outputs after the key changed."""
 
@@ -9,8 +9,8 @@ import typing
 
 import pytest
 
-from tasks import config
-from tasks.artifacts import STAGES
+from tasks.pipeline import config
+from tasks.pipeline.artifacts import STAGES
 
 pytestmark = pytest.mark.unit
 

@@ -1,41 +1,72 @@
-"""The package's shape, read from the source: stages import only library modules, never another
-stage, and no module of the package imports itself back through a cycle."""
+"""The package's shape, read from the source: the stages and tools sit at the top of `tasks/`, the
+library in subpackages that import one way (each only those listed before it in LAYERS), no stage
+imports another stage, no library module imports a stage or a tool, and nothing imports itself back
+through a cycle."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import STAGES
+from tasks.pipeline.artifacts import STAGES
 
 pytestmark = pytest.mark.unit
 
 TASKS = Path(__file__).resolve().parents[2] / "tasks"
+# The library's packages, lowest first: a module may import its own package and those before it.
+LAYERS = ("text", "pipeline", "infra", "evaluate", "modeling", "training", "serving")
+TOOLS = ("chat", "track", "models")
+DATA_FOLDERS = ("configs", "prompt_suites", "data")
 
 
-def imports_of(source: str) -> set[str]:
-    """Every `tasks.<module>` a source file imports, at any depth (function-level imports too)."""
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(source: str, modules: set[str]) -> set[str]:
+    """Every module of the package a source file imports, at any depth (function-level imports too),
+    as its name under `tasks.` (`from tasks.pipeline import storage` is `pipeline.storage`)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tasks.")}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "tasks":
-                found |= {a.name for a in node.names}
-            elif node.module.startswith("tasks."):
-                found.add(node.module.split(".")[1])
+            found |= {a.name[len("tasks."):] for a in node.names if a.name[len("tasks."):] in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and (node.module == "tasks" or node.module.startswith("tasks.")):
+            base = node.module[len("tasks."):]
+            # `from tasks.pipeline import storage` imports a module; `from tasks.pipeline.storage
+            # import write_json` a name of one.
+            named = {f"{base}.{a.name}".lstrip(".") for a in node.names} & modules
+            found |= named or ({base} & modules)
     return found
 
 
 def import_graph(root: Path = TASKS) -> dict[str, set[str]]:
-    modules = {p.stem: p for p in root.glob("*.py") if p.stem != "__init__"}
-    return {name: imports_of(path.read_text(encoding="utf-8")) & set(modules) - {name} for name, path in modules.items()}
+    paths = {module_name(p, root): p for p in root.rglob("*.py")}
+    paths.pop("", None)
+    modules = set(paths)
+    return {name: imports_of(path.read_text(encoding="utf-8"), modules) - {name} for name, path in paths.items()}
 
 
-def stage_violations(graph: dict[str, set[str]], stages=STAGES) -> list[str]:
-    return [f"stage {s} imports stage {t}" for s in stages if s in graph for t in sorted(graph[s] & set(stages))]
+def layer_of(module: str) -> int:
+    """A library module's layer (its package's place in LAYERS); the top of `tasks/` is above all."""
+    head = module.split(".")[0]
+    return LAYERS.index(head) if head in LAYERS else len(LAYERS)
+
+
+def violations(graph: dict[str, set[str]], stages=STAGES) -> list[str]:
+    found = []
+    for src in sorted(graph):
+        for dst in sorted(graph[src]):
+            if src in stages and dst in stages:
+                found.append(f"stage {src} imports stage {dst}")
+            elif layer_of(dst) > layer_of(src) or (layer_of(dst) == len(LAYERS) and layer_of(src) < len(LAYERS)):
+                found.append(f"{src} imports {dst}, which is above it")
+            elif src in TOOLS and dst in stages:
+                found.append(f"tool {src} imports stage {dst}")
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -57,34 +88,40 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_every_stage_is_a_module_of_the_package():
-    graph = import_graph()
-    assert set(STAGES) <= set(graph)
+def test_the_top_of_tasks_is_the_stages_the_tools_and_the_library_packages():
+    names = {p.name for p in TASKS.iterdir() if p.name != "__pycache__"}
+    expected = ({f"{s}.py" for s in STAGES} | {f"{t}.py" for t in TOOLS} | set(LAYERS) | set(DATA_FOLDERS)
+                | {"__init__.py"})
+    assert names == expected
+    for layer in LAYERS:
+        assert (TASKS / layer / "__init__.py").is_file() and not [p for p in (TASKS / layer).iterdir() if p.is_dir() and p.name != "__pycache__"]
 
 
-def test_no_stage_imports_another_stage():
-    assert stage_violations(import_graph()) == []
+def test_imports_run_one_way():
+    assert violations(import_graph()) == []
 
 
 def test_the_package_has_no_import_cycle():
     assert cycles(import_graph()) == []
 
 
-def test_the_rules_catch_a_planted_stage_import_and_a_planted_cycle(tmp_path):
+def test_the_rules_catch_a_planted_upward_import_a_stage_import_and_a_cycle(tmp_path):
     """The checks above would fail on a violation: plant one of each in a copy of the package."""
     pkg = tmp_path / "tasks"
-    pkg.mkdir()
-    for p in TASKS.glob("*.py"):
-        (pkg / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
-    assert stage_violations(import_graph(pkg)) == [] and cycles(import_graph(pkg)) == []
+    shutil.copytree(TASKS, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    assert violations(import_graph(pkg)) == [] and cycles(import_graph(pkg)) == []
     generate = pkg / "generate.py"
     generate.write_text(generate.read_text() + "\n\ndef late():\n    from tasks.preprocess import filter_records\n")
-    storage = pkg / "storage.py"
-    storage.write_text(storage.read_text() + "\nfrom tasks import artifacts  # noqa\n")
+    storage = pkg / "pipeline" / "storage.py"
+    storage.write_text(storage.read_text() + "\nfrom tasks.serving import parity  # noqa\n")
+    records = pkg / "text" / "records.py"
+    records.write_text(records.read_text() + "\nfrom tasks.text import batching  # noqa\n")
+    batching = pkg / "text" / "batching.py"
+    batching.write_text(batching.read_text() + "\nfrom tasks.text import records  # noqa\n")
     graph = import_graph(pkg)
-    assert stage_violations(graph) == ["stage generate imports stage preprocess"]
-    found = cycles(graph)
-    assert ["artifacts", "storage", "artifacts"] in found and ["storage", "artifacts", "storage"] in found
+    assert violations(graph) == ["stage generate imports stage preprocess",
+                                 "pipeline.storage imports serving.parity, which is above it"]
+    assert ["text.batching", "text.records", "text.batching"] in cycles(graph)
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import artifacts
-from tasks.config import load_config, read_config_file
+from tasks.pipeline import artifacts
+from tasks.pipeline.config import load_config, read_config_file
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +39,7 @@ def test_edges_are_exactly_the_stage_chain(dag):
 
 
 def test_only_snapshot_changed_produces_the_dataset_asset(dag):
-    from tasks.artifacts import asset_uri
+    from tasks.pipeline.artifacts import asset_uri
 
     outlets = {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks if t.outlets}
     assert outlets == {"snapshot_changed": [asset_uri(load_config("tiny_test").dataset_hub_id)]}

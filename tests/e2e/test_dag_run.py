@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import artifacts
+from tasks.pipeline import artifacts
 from tests.e2e import airflow_cli
 
 pytestmark = pytest.mark.e2e
@@ -19,7 +19,7 @@ MAPPED = {"finetune", "generate"}
 
 
 def run_dir_of(dag_run) -> Path:
-    from tasks.airflow_settings import run_dir_for
+    from tasks.infra.airflow_settings import run_dir_for
 
     return run_dir_for(dag_run.run_id)
 

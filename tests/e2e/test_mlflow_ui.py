@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
-from tasks.config import load_config
+from tasks.infra import tracking
+from tasks.pipeline.config import load_config
 from tests.e2e.airflow_api import free_port
 from tests.e2e.browser import chromium, require_chromium, waiting
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from bench import own_data
-from tasks import artifacts
+from tasks.pipeline import artifacts
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ SMALL = {"num_examples": 24, "heldout_examples": 8, "eval_examples": 4, "heldout
 def run_dag(conf: dict, day: int):
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks.airflow_settings import run_dir_for
+    from tasks.infra.airflow_settings import run_dir_for
 
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("gemma_lora_finetune")
     when = dt.datetime(2026, 4, day, 12, 0, tzinfo=dt.timezone.utc)

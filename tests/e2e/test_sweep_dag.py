@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks import artifacts
+from tasks.pipeline import artifacts
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -16,7 +16,7 @@ LOGICAL_DATE = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
 def run_dir_for(run_id: str) -> Path:
-    from tasks.airflow_settings import run_dir_for as folder
+    from tasks.infra.airflow_settings import run_dir_for as folder
 
     return folder(run_id)
 
@@ -114,9 +114,9 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
 def test_the_sweep_is_tracked_in_mlflow_with_a_child_run_per_finished_variant(sweep_run):
     import mlflow
 
-    from tasks import tracking
-    from tasks.config import load_config
-    from tasks.variants import variant_config
+    from tasks.infra import tracking
+    from tasks.pipeline.config import load_config
+    from tasks.pipeline.variants import variant_config
 
     _, run_dir = sweep_run
     client = mlflow.MlflowClient(tracking.tracking_uri(run_dir))

@@ -67,8 +67,8 @@ class StubTaskInstance:
 def task_context(dag, task, run_id: str = RUN_ID, conf: dict | None = None, map_index: int = 0) -> dict:
     """A run-time context as the task runner builds it: params resolved with the trigger's conf; the
     `sweep` task's plan for those params, as the mapped instance `map_index` pulls it."""
-    from tasks.config import load_config
-    from tasks.variants import plan_variants
+    from tasks.pipeline.config import load_config
+    from tasks.pipeline.variants import plan_variants
 
     params = copy.deepcopy(dag.params)
     for key, value in (conf or {}).items():

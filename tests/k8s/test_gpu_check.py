@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from tasks.gpu_check import GpuUnavailableError, require_gpu
+from tasks.infra.gpu_check import GpuUnavailableError, require_gpu
 from tests.k8s.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -67,7 +67,7 @@ def test_no_gpu_continues_on_cpu_when_allowed(tensorflow_sees, monkeypatch, capl
 
 
 def test_stage_cli_runs_the_check_only_when_required(tensorflow_sees, monkeypatch, tmp_path):
-    from tasks.cli import stage_main
+    from tasks.infra.cli import stage_main
 
     tensorflow_sees([])
     calls = []
@@ -87,7 +87,7 @@ def test_stage_cli_runs_the_check_only_when_required(tensorflow_sees, monkeypatc
 
 def test_with_the_real_tensorflow():
     """The TensorFlow calls exist as used; on a machine without a GPU it stops unless allowed."""
-    code = "from tasks.cli import setup_logging; from tasks.gpu_check import require_gpu; setup_logging(); require_gpu()"
+    code = "from tasks.infra.cli import setup_logging; from tasks.infra.gpu_check import require_gpu; setup_logging(); require_gpu()"
     env = {**os.environ, "GEMMA_ALLOW_CPU": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert "gpu check: TensorFlow 2.21" in out.stderr, out.stderr[-2000:]

@@ -85,8 +85,8 @@ def test_failing_pod_fails_the_task_with_its_last_log_lines_and_exit_reason(k8s_
     dag, _ = k8s_dag_module
     last_lines = [
         "Traceback (most recent call last):",
-        '  File "/opt/venv/lib/python3.11/site-packages/tasks/models.py", line 60, in check_kaggle_credentials',
-        "tasks.models.ModelSourceError: Kaggle credentials are missing: Gemma presets are gated on Kaggle.",
+        '  File "/opt/venv/lib/python3.11/site-packages/tasks/modeling/presets.py", line 60, in check_kaggle_credentials',
+        "tasks.modeling.presets.ModelSourceError: Kaggle credentials are missing: Gemma presets are gated on Kaggle.",
     ]
     fake_cluster.script = Script(lines=TRAINING_LOG[:2] + last_lines, exit_code=1)
     run = run_pod_task(dag, "finetune")

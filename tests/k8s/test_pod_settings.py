@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tasks.k8s_pod import SETTINGS, PodSettingError, gpu_stage_operator, pod_settings
+from tasks.infra.k8s_pod import SETTINGS, PodSettingError, gpu_stage_operator, pod_settings
 from tests.k8s.conftest import REPO
 
 pytestmark = pytest.mark.unit

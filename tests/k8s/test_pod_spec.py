@@ -19,7 +19,7 @@ import yaml
 from kubernetes.client import ApiClient, V1Pod
 from kubernetes.utils import parse_quantity
 
-from tasks.artifacts import STAGES
+from tasks.pipeline.artifacts import STAGES
 from tests.k8s.conftest import DAG_FILE, DAG_ID, GPU_STAGES, REPO, RUN_ID, kubernetes_env, task_context
 
 pytestmark = pytest.mark.unit
@@ -63,7 +63,7 @@ def base_container(pod: V1Pod):
 
 @pytest.mark.parametrize("stage", GPU_STAGES)
 def test_gpu_stage_pod(k8s_dag_module, stage):
-    from tasks.k8s_pod import SETTINGS
+    from tasks.infra.k8s_pod import SETTINGS
 
     dag, module = k8s_dag_module
     _, pod = render_pod(dag, stage)
@@ -164,7 +164,7 @@ def test_the_stage_cli_accepts_the_rendered_argv(k8s_dag_module, stage):
     """The argv parses and its overrides validate with the stage's own CLI (no model is loaded)."""
     import argparse
 
-    from tasks.config import load_config, parse_overrides
+    from tasks.pipeline.config import load_config, parse_overrides
 
     dag, _ = k8s_dag_module
     _, pod = render_pod(dag, stage, RUN_ID, TRIGGER_CONF)
@@ -184,7 +184,7 @@ SWEEP_CONF = {**TRIGGER_CONF, "variants": [{"lora_rank": 4}, {"lora_rank": 16, "
 def test_each_mapped_pod_carries_its_own_variant(k8s_dag_module, stage, tmp_path):
     """One pod per variant: the rendered argv of mapped instance i names variant i and its overrides,
     and the stage's CLI turns them into that variant's config and folder."""
-    from tasks.cli import stage_main
+    from tasks.infra.cli import stage_main
 
     dag, module = k8s_dag_module
     seen = []
@@ -313,7 +313,7 @@ def test_a_four_gpu_pod_asks_for_four_and_its_finetune_uses_them(monkeypatch):
     of them. No CUDA_VISIBLE_DEVICES narrows them."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks.config import load_config
+    from tasks.pipeline.config import load_config
 
     for key, value in {**kubernetes_env(), "GEMMA_GPU_COUNT": "4"}.items():
         monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)

@@ -1,14 +1,15 @@
-"""Token rows (tasks.adapter): a trainable delta on a few embedding rows is exactly a model whose
+"""Token rows (tasks.training.adapter): a trainable delta on a few embedding rows is exactly a model whose
 embedding table has those rows changed, on the input side and in the output logits; it trains,
 is saved in the adapter file, loads back and merges into a plain model."""
 
 import numpy as np
 import pytest
 
-from tasks import adapter, export_keras
-from tasks.batching import encode
-from tasks.models import load_causal_lm
-from tasks.prompt_template import END_OF_TURN, example
+from tasks.training import adapter
+from tasks.serving import export_keras
+from tasks.text.batching import encode
+from tasks.modeling.presets import load_causal_lm
+from tasks.text.prompt_template import END_OF_TURN, example
 
 pytestmark = pytest.mark.model
 
@@ -56,8 +57,8 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     """A few steps of fit on chat text move the rows (and only them beside LoRA); the adapter file
     holds them; loading it into a fresh model gives the tuned logits; merging gives them without
     LoRA or rows; `trainable_tokens: none` trains no rows."""
-    from tasks import training
-    from tasks.config import load_config
+    from tasks.training import loop
+    from tasks.pipeline.config import load_config
 
     models = ""  # the session's models folder: each tiny model is built once
     cfg = load_config("tiny_test", {"learning_rate": "0.01", "prompt_template": "gemma_chat", "batch_size": "2",
@@ -66,10 +67,10 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     tok = lm.preprocessor.tokenizer
     ids = adapter.template_token_ids(tok, "gemma_chat", cfg.trainable_tokens)
     adapter.enable(lm, cfg.lora_rank, ids)
-    trainer, _, _ = training.prepare(lm, cfg, training.engine_for(cfg))
+    trainer, _, _ = loop.prepare(lm, cfg, loop.engine_for(cfg))
     enc = encode(tok, [{"prompt": "", "text": t} for t in CHAT * 4], 48)
-    plan = training.train_plan([48] * 8, cfg)
-    training.fit(trainer, lm, enc, plan, cfg, [])
+    plan = loop.train_plan([48] * 8, cfg)
+    loop.fit(trainer, lm, enc, plan, cfg, [])
     rows = lm.backbone.token_embedding.token_rows.numpy()
     assert np.abs(rows).max() > 1e-3  # <end_of_turn> is in every example's loss
     tuned = logits(lm, CHAT)

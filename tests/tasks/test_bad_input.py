@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import artifacts, snapshot
-from tasks.cli import stage_argv
-from tasks.config import BUNDLED_DOLLY, ConfigError, load_config
+from tasks import snapshot
+from tasks.pipeline import artifacts
+from tasks.infra.cli import stage_argv
+from tasks.pipeline.config import BUNDLED_DOLLY, ConfigError, load_config
 from tasks.snapshot import SnapshotError
 from tests.conftest import REPO
 
@@ -183,7 +184,7 @@ def test_trigger_form_rejects_what_its_schema_can(dag, key, bad):
 
 
 def test_first_task_rejects_what_the_schema_cannot_naming_the_param(dag, tmp_path):
-    from tasks.models import ModelSourceError
+    from tasks.modeling.presets import ModelSourceError
 
     # A string the form takes; no keras-hub preset has that name.
     params = copy.deepcopy(dag.params)
@@ -229,7 +230,7 @@ def test_cli_rejects_a_bad_setting_naming_it(tmp_path):
 
 
 def test_preflight_missing_kaggle_credentials_fails_in_seconds(tmp_path, monkeypatch):
-    from tasks.models import ModelSourceError
+    from tasks.modeling.presets import ModelSourceError
 
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
@@ -251,7 +252,7 @@ def test_preflight_rejects_an_invalid_prompt_suite(tmp_path):
 
 def test_report_shows_skipped_records_by_reason(tiny_run, tmp_path):
     from tasks import report
-    from tasks.evaluation import evaluate
+    from tasks.evaluate.evaluation import evaluate
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)

@@ -1,8 +1,8 @@
 import pytest
 
-from tasks.batching import encode
-from tasks.models import load_tokenizer
-from tasks import prompt_template as pt
+from tasks.text.batching import encode
+from tasks.modeling.presets import load_tokenizer
+from tasks.text import prompt_template as pt
 
 pytestmark = pytest.mark.model
 
@@ -40,7 +40,7 @@ import random  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tasks.batching import Step, choose_widths, epoch_orders, plan_batches, plan_orders, step_arrays  # noqa: E402
+from tasks.text.batching import Step, choose_widths, epoch_orders, plan_batches, plan_orders, step_arrays  # noqa: E402
 
 
 def lengths_like_dolly(n, seed=0, sequence_length=256):
@@ -90,7 +90,7 @@ def test_fast_plan_is_a_pure_function_of_lengths_and_config():
     import subprocess
     import sys
 
-    code = ("import json,sys; from tasks.batching import plan_batches; print(json.dumps(plan_batches(json.loads(sys.argv[1]), "
+    code = ("import json,sys; from tasks.text.batching import plan_batches; print(json.dumps(plan_batches(json.loads(sys.argv[1]), "
             "batch_size=4, epochs=2, seed=3, sequence_length=256, mode='fast')))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(lengths)], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONHASHSEED": "123"})

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import tasks
-from tasks.config import Config, ConfigError, load_config, parse_overrides
+from tasks.pipeline.config import Config, ConfigError, load_config, parse_overrides
 
 pytestmark = pytest.mark.unit
 
@@ -91,7 +91,7 @@ def test_kaggle_preset_fails_fast_without_credentials(monkeypatch, tmp_path):
     every connection is recorded and refused, and none is tried."""
     import socket
 
-    from tasks.models import ModelSourceError, load_tokenizer, preflight
+    from tasks.modeling.presets import ModelSourceError, load_tokenizer, preflight
 
     attempts = []
 

@@ -9,9 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from tasks import artifacts, preprocess, prompt_template, records, snapshot, storage
-from tasks.batching import encode
-from tasks.config import BUNDLED_DOLLY, ConfigError, load_config
+from tasks import preprocess, snapshot
+from tasks.text import prompt_template, records
+from tasks.pipeline import artifacts, storage
+from tasks.text.batching import encode
+from tasks.pipeline.config import BUNDLED_DOLLY, ConfigError, load_config
 from tasks.snapshot import SnapshotError
 
 pytestmark = pytest.mark.model
@@ -162,7 +164,7 @@ def test_templates_render_turns_context_and_system():
 
 @pytest.mark.parametrize("template", prompt_template.TEMPLATES)
 def test_three_turn_mask_weights_only_the_assistant_tokens(template):
-    from tasks.models import load_tokenizer
+    from tasks.modeling.presets import load_tokenizer
 
     tok = load_tokenizer("tiny:gemma3")
     text, spans = prompt_template.render(conversation("Be brief."), template)
@@ -189,7 +191,7 @@ def test_three_turn_mask_weights_only_the_assistant_tokens(template):
 
 
 def test_single_turn_spans_mask_equals_the_prompt_prefix_mask():
-    from tasks.models import load_tokenizer
+    from tasks.modeling.presets import load_tokenizer
 
     tok = load_tokenizer("tiny:gemma")
     rows = []
@@ -237,7 +239,7 @@ def test_gemma_chat_generation_stops_at_end_of_turn(tmp_path):
     import keras_hub
 
     from tasks.generate import answer
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     cfg = load_config("tiny_test", {"model_preset": "tiny:gemma3", "prompt_template": "gemma_chat", "max_length": "40"})
     lm = load_causal_lm(cfg.model_preset, cfg.models_dir)

@@ -13,8 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import artifacts, preprocess, snapshot, training
-from tasks.config import load_config
+from tasks import preprocess, snapshot
+from tasks.pipeline import artifacts
+from tasks.training import loop
+from tasks.pipeline.config import load_config
 from tests.conftest import REPO
 from tests.tasks.test_faults import lora_weights
 from tests.tasks.two_cpus import finetune_argv, run as two_cpus
@@ -85,14 +87,14 @@ def test_the_padding_mask_is_fed_as_int32_because_bool_breaks_the_strategy(tmp_p
 
     enc = {"token_ids": np.ones((4, 8), "int32"), "padding_mask": np.ones((4, 8), bool),
            "labels": np.ones((4, 8), "int32"), "weights": np.ones((4, 8), "float32")}
-    spec = training.make_dataset(enc, [[0, 1, 2, 3]]).element_spec
+    spec = loop.make_dataset(enc, [[0, 1, 2, 3]]).element_spec
     assert spec[0]["padding_mask"].dtype == tf.int32
     code = """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np, sys
-from tasks.models import load_causal_lm
+from tasks.modeling.presets import load_causal_lm
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
     lm = load_causal_lm("tiny:gemma", sys.argv[1], 16)
     lm.backbone.enable_lora(rank=4)

@@ -12,11 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import artifacts, export, export_gguf, export_keras, finetune, generate, parity, preprocess, prompt_template, snapshot
-from tasks.config import load_config
-from tasks.prompt_template import instruction_prompt
-from tasks import storage
-from tasks.storage import StageInputError
+from tasks import export, finetune, generate, preprocess, snapshot
+from tasks.text import prompt_template
+from tasks.pipeline import artifacts
+from tasks.serving import export_gguf, export_keras, parity
+from tasks.pipeline.config import load_config
+from tasks.text.prompt_template import instruction_prompt
+from tasks.pipeline import storage
+from tasks.pipeline.storage import StageInputError
 from tests.conftest import copy_run
 
 # A gate every tuned tiny model passes: these tests are about the export, not the tuning.
@@ -39,7 +42,7 @@ def answered(trained_run, tmp_path, model: str, **extra):
 @pytest.fixture(scope="module", params=["tiny:gemma3", "tiny:gemma", "tiny:gemma3 gemma_chat"])
 def exported(request, trained_run, tmp_path_factory):
     """The third: the chat template, whose fine-tune also trains the turn tokens' embedding rows
-    (tasks.adapter): the exports carry them merged."""
+    (tasks.training.adapter): the exports carry them merged."""
     model, _, template = request.param.partition(" ")
     extra = {"prompt_template": template} if template else {}
     run_dir = answered(trained_run, tmp_path_factory.mktemp("export"), model, **extra)
@@ -69,7 +72,7 @@ def test_every_format_answers_as_the_tuned_model(exported):
 def test_the_merge_is_not_a_no_op(exported):
     """The adapter changed the model: the merged export differs from the base model."""
     cfg, run_dir, _ = exported
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     texts = export.parity_texts(cfg)
     base = parity.reference(load_causal_lm(cfg.model_preset, cfg.models_dir), texts[:1])
@@ -96,7 +99,7 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(exported):
 @pytest.mark.e2e
 def test_hf_ids_and_the_modelfile_name_the_right_tokens(exported):
     cfg, run_dir, _ = exported
-    from tasks.models import load_tokenizer
+    from tasks.modeling.presets import load_tokenizer
 
     tok = load_tokenizer(cfg.model_preset, cfg.models_dir)
     hf = artifacts.path(run_dir, artifacts.EXPORT, artifacts.EXPORT_HF)
@@ -140,7 +143,7 @@ def test_nothing_is_exported_when_no_variant_passes_the_gate(tmp_path):
     run_dir = tmp_path / "run"
     for stage in (snapshot, preprocess, finetune, generate):
         stage.run(cfg, run_dir)
-    from tasks.evaluation import evaluate
+    from tasks.evaluate.evaluation import evaluate
 
     if evaluate(cfg, run_dir)["gate"]["passed"]:
         pytest.skip("this tiny fine-tune passed a strict gate")
@@ -179,7 +182,7 @@ def test_our_importer_reads_the_exported_gguf_back(exported, tmp_path):
     cfg, run_dir, _ = exported
     if cfg.model_preset != "tiny:gemma3":
         pytest.skip("the importer reads Gemma 3 only")
-    from tasks.gguf_import import import_gguf
+    from tasks.modeling.gguf_import import import_gguf
 
     gguf_path = artifacts.path(run_dir, artifacts.EXPORT, artifacts.EXPORT_GGUF) / "model-f16.gguf"
     import_gguf(tmp_path / "back", gguf_path, log=lambda m: None)
@@ -215,7 +218,7 @@ def test_real_gemma3_270m_exports_answer_as_the_tuned_model(tmp_path):
     in its own runtime answers the tutorial's prompts as the tuned keras-hub model."""
     import keras
 
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     cfg = load_config("cpu_demo")
     keras.utils.set_random_seed(0)

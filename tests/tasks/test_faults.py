@@ -19,8 +19,9 @@ import time
 import numpy as np
 import pytest
 
-from tasks import artifacts, finetune, preprocess, snapshot
-from tasks.config import load_config
+from tasks import finetune, preprocess, snapshot
+from tasks.pipeline import artifacts
+from tasks.pipeline.config import load_config
 from tests.tasks import two_cpus
 
 pytestmark = pytest.mark.e2e

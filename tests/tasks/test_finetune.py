@@ -4,10 +4,12 @@ import random
 import numpy as np
 import pytest
 
-from tasks import artifacts, finetune, preprocess, snapshot, training
-from tasks.config import load_config
-from tasks.prompt_template import example
-from tasks.storage import StageInputError
+from tasks import finetune, preprocess, snapshot
+from tasks.pipeline import artifacts
+from tasks.training import loop
+from tasks.pipeline.config import load_config
+from tasks.text.prompt_template import example
+from tasks.pipeline.storage import StageInputError
 from tests.tasks.test_faults import lora_weights
 
 pytestmark = pytest.mark.model
@@ -58,8 +60,8 @@ def test_the_stage_is_its_named_steps_in_order(trained_run, tmp_path):
     by_run = artifacts.read_finetune_result(run_dir)
     out = tmp_path / "by_hand"
     out.mkdir()
-    engine = training.engine_for(cfg)
-    with training.dtype_policy(engine["dtype_policy"]):
+    engine = loop.engine_for(cfg)
+    with loop.dtype_policy(engine["dtype_policy"]):
         s = finetune.setup(cfg, run_dir, engine, fp="by-hand")
         assert s.resume is None and len(s.plan) == 16 // cfg.batch_size and len(s.heldout) == 4
         base = finetune.score_base(s)
@@ -80,8 +82,8 @@ def test_the_stage_is_its_named_steps_in_order(trained_run, tmp_path):
 def test_only_lora_weights_change():
     import keras
 
-    from tasks.training import build_optimizer
-    from tasks.models import load_causal_lm
+    from tasks.training.loop import build_optimizer
+    from tasks.modeling.presets import load_causal_lm
 
     cfg = load_config("tiny_test", {"learning_rate": "1e-2"})
     keras.utils.set_random_seed(0)
@@ -103,7 +105,7 @@ def test_only_lora_weights_change():
 def test_optimizer_excludes_bias_and_scale_from_decay():
     import keras
 
-    opt = training.build_optimizer(load_config("gemma_2b_lora"))
+    opt = loop.build_optimizer(load_config("gemma_2b_lora"))
     assert isinstance(opt, keras.optimizers.AdamW)
     assert float(opt.learning_rate) == pytest.approx(5e-5) and opt.weight_decay == pytest.approx(0.01)
     named = lambda name: keras.Variable(np.ones(2), name=name)  # noqa: E731

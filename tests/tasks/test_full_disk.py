@@ -13,8 +13,9 @@ import uuid
 
 import pytest
 
-from tasks import artifacts, preprocess, snapshot, storage
-from tasks.config import load_config
+from tasks import preprocess, snapshot
+from tasks.pipeline import artifacts, storage
+from tasks.pipeline.config import load_config
 
 pytestmark = pytest.mark.e2e
 

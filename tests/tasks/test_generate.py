@@ -1,11 +1,11 @@
 
 import pytest
 
-from tasks import artifacts
-from tasks.config import load_config
+from tasks.pipeline import artifacts
+from tasks.pipeline.config import load_config
 from tasks.generate import answer, compile_for_generation, stop_token_ids
-from tasks.prompt_suite import load_suite
-from tasks.storage import StageInputError
+from tasks.pipeline.prompt_suite import load_suite
+from tasks.pipeline.storage import StageInputError
 
 pytestmark = pytest.mark.model
 
@@ -40,7 +40,7 @@ def test_answers_for_base_and_tuned(tiny_run):
 def test_stop_and_max_length_are_read_from_token_ids():
     import keras
 
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     cfg = load_config("tiny_test", {"max_length": "40", "generate_batch_size": "2"})
     keras.utils.set_random_seed(0)
@@ -52,7 +52,7 @@ def test_stop_and_max_length_are_read_from_token_ids():
         assert a["hit_max_length"] and not a["stopped_at_eos"]
         assert a["tokens"] > 0
     # Make the first token greedy decoding picks a stop token: the answer is then empty and stopped.
-    from tasks.prompt_template import instruction_prompt
+    from tasks.text.prompt_template import instruction_prompt
 
     tok = lm.preprocessor.tokenizer
     x = lm.preprocessor.generate_preprocess([instruction_prompt(prompts[0]["prompt"], "tutorial")], sequence_length=40)
@@ -67,7 +67,7 @@ def test_xla_and_the_graph_give_the_same_greedy_answers():
     """generate_xla compiles the whole decoding loop; it must not change what greedy decoding says."""
     import keras
 
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     prompts = load_suite("v1")["prompts"][:6]
     texts = {}
@@ -111,7 +111,7 @@ def test_one_model_answers_as_a_fresh_base_and_a_fresh_tuned_model(tiny_run):
     import keras
 
     from tasks.generate import reset_sampler
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     cfg = load_config("tiny_test")
     data = artifacts.read_answers(tiny_run)

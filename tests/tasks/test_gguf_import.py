@@ -1,4 +1,4 @@
-"""Tests for tasks.gguf_import.
+"""Tests for tasks.modeling.gguf_import.
 
 The fast tests write tiny Gemma 3 GGUF files with `gguf.GGUFWriter` in llama.cpp's naming and
 layout (checked against the real 270M file with `GGUFReader`): tensors are numpy arrays in
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import gguf_import as gi
-from tasks.gguf_import import GGUFImportError, import_gguf
-from tasks.prompt_template import instruction_prompt
+from tasks.modeling import gguf_import as gi
+from tasks.modeling.gguf_import import GGUFImportError, import_gguf
+from tasks.text.prompt_template import instruction_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 ROUND_TRIP_TEXT = "Instruction:\nWhat is 2+2?\n\nResponse:\n  Four.\n<start_of_turn>user"
@@ -230,7 +230,7 @@ def synthetic_lm(synthetic):
 @pytest.mark.model
 def test_module_imports_only_stdlib():
     code = (
-        "import sys, tasks.gguf_import\n"
+        "import sys, tasks.modeling.gguf_import\n"
         "heavy = {'numpy', 'gguf', 'keras', 'keras_hub', 'tensorflow', 'sentencepiece'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
@@ -617,7 +617,7 @@ def test_two_processes_importing_at_once_give_one_correct_preset(synthetic, tmp_
     """A sweep on a fresh machine: two stages import the same model at the same moment. Each builds in
     its own temp folder; the first to publish wins and the other keeps it."""
     out = tmp_path / "presets" / "tiny-gemma3"
-    code = ("import sys; from pathlib import Path; from tasks.gguf_import import import_gguf\n"
+    code = ("import sys; from pathlib import Path; from tasks.modeling.gguf_import import import_gguf\n"
             "m = import_gguf(Path(sys.argv[1]), Path(sys.argv[2]), log=lambda s: print(s, flush=True))\n"
             "print('SHA', m['files']['model.weights.h5']['sha256'])\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(synthetic["gguf_path"])], cwd=REPO,

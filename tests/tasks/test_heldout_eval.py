@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from tasks.batching import encode
-from tasks.heldout_eval import score_heldout, summary
-from tasks.models import load_causal_lm
-from tasks.prompt_template import example, instruction_prompt
+from tasks.text.batching import encode
+from tasks.evaluate.heldout_eval import score_heldout, summary
+from tasks.modeling.presets import load_causal_lm
+from tasks.text.prompt_template import example, instruction_prompt
 
 pytestmark = pytest.mark.model
 
@@ -51,7 +51,7 @@ def test_lora_enabled_at_zero_scores_exactly_as_the_base():
     """finetune enables LoRA (and the chat template's token rows) before scoring the base model
     (one traced scorer for both): the B matrices and rows start at zero, so the base scores are the
     base model's, to the last digit."""
-    from tasks import adapter
+    from tasks.training import adapter
 
     lm = load_causal_lm("tiny:gemma3", "", 64)
     rows = [{"prompt": instruction_prompt(f"Name {k} fruits.", "tutorial"), "text": example(f"Name {k} fruits.", "apple " * k, "tutorial")}

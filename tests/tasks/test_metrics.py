@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from tasks import metrics
-from tasks.config import load_config
-from tasks.evaluation import gate
+from tasks.evaluate import metrics
+from tasks.pipeline.config import load_config
+from tasks.evaluate.evaluation import gate
 
 pytestmark = pytest.mark.unit
 

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from tasks import artifacts, preprocess, snapshot
-from tasks import records as record_shape
-from tasks.config import ConfigError, load_config
-from tasks.storage import StageInputError
+from tasks import preprocess, snapshot
+from tasks.pipeline import artifacts
+from tasks.text import records as record_shape
+from tasks.pipeline.config import ConfigError, load_config
+from tasks.pipeline.storage import StageInputError
 
 pytestmark = pytest.mark.model
 
@@ -37,7 +38,7 @@ def test_template_split_and_drops(tmp_path):
 
 
 def test_token_lengths_use_the_model_tokenizer(tmp_path):
-    from tasks.models import load_tokenizer
+    from tasks.modeling.presets import load_tokenizer
 
     train, _, manifest = run_both(tmp_path, num_examples=30, heldout_examples=5, sequence_length=64)
     tok = load_tokenizer("tiny:gemma")

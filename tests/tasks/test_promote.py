@@ -1,8 +1,9 @@
 import json
 import shutil
 
-from tasks import artifacts, promote
-from tasks.config import load_config
+from tasks import promote
+from tasks.pipeline import artifacts
+from tasks.pipeline.config import load_config
 import pytest
 
 pytestmark = pytest.mark.model

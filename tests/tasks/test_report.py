@@ -5,10 +5,12 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tasks import artifacts, metrics, report
-from tasks.config import load_config
-from tasks.evaluation import evaluate
-from tasks.prompt_suite import load_suite
+from tasks import report
+from tasks.pipeline import artifacts
+from tasks.evaluate import metrics
+from tasks.pipeline.config import load_config
+from tasks.evaluate.evaluation import evaluate
+from tasks.pipeline.prompt_suite import load_suite
 
 pytestmark = pytest.mark.model
 
@@ -122,7 +124,7 @@ def test_line_chart_handles_empty_and_flat_series():
 
 
 def test_report_needs_every_stage(tmp_path):
-    from tasks.storage import StageInputError
+    from tasks.pipeline.storage import StageInputError
 
     with pytest.raises(StageInputError):
         report.run(load_config("tiny_test"), tmp_path)

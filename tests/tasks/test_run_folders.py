@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tasks import artifacts
-from tasks.airflow_settings import run_dir_for, run_folder_name, runs_dir
+from tasks.pipeline import artifacts
+from tasks.infra.airflow_settings import run_dir_for, run_folder_name, runs_dir
 
 pytestmark = pytest.mark.unit
 

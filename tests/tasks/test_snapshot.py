@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import artifacts, snapshot
-from tasks.airflow_settings import run_dir_for
-from tasks.config import BUNDLED_DOLLY, load_config
-from tasks import records
+from tasks import snapshot
+from tasks.pipeline import artifacts
+from tasks.infra.airflow_settings import run_dir_for
+from tasks.pipeline.config import BUNDLED_DOLLY, load_config
+from tasks.text import records
 from tasks.snapshot import CATEGORIES, SnapshotError
 from tests.conftest import DOLLY_OLDREV, REPO
 

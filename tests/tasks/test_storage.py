@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tasks import storage
+from tasks.pipeline import storage
 
 pytestmark = pytest.mark.unit
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from tasks import variants
-from tasks.cli import stage_main
-from tasks.storage import error_path
-from tasks.config import ConfigError, load_config
+from tasks.pipeline import variants
+from tasks.infra.cli import stage_main
+from tasks.pipeline.storage import error_path
+from tasks.pipeline.config import ConfigError, load_config
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import artifacts, promote, report, track, tracking
-from tasks.config import load_config
+from tasks import promote, report, track
+from tasks.pipeline import artifacts
+from tasks.infra import tracking
+from tasks.pipeline.config import load_config
 
 pytestmark = pytest.mark.model
 

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import artifacts, finetune, preprocess, snapshot, training
-from tasks.batching import Step, encode, input_lengths, step_arrays
-from tasks.checkpoints import Checkpoints
-from tasks.config import ConfigError, load_config
+from tasks import finetune, preprocess, snapshot
+from tasks.pipeline import artifacts
+from tasks.training import loop
+from tasks.text.batching import Step, encode, input_lengths, step_arrays
+from tasks.training.checkpoints import Checkpoints
+from tasks.pipeline.config import ConfigError, load_config
 from tests.tasks.test_faults import SETTINGS, TOTAL_STEPS, lora_weights
 from tests.tasks.test_finetune import LEARNABLE
 
@@ -34,33 +36,33 @@ def test_defaults_stay_the_tutorial_recipe_and_fast_is_one_setting_away():
 
 def test_engine_follows_the_device_in_fast_mode_and_the_config_in_tutorial_mode(monkeypatch):
     def engine(**kw):
-        return training.engine_for(load_config("tiny_test", kw))
+        return loop.engine_for(load_config("tiny_test", kw))
 
     # A CPU without AMX-BF16: float32, a TF graph for any width.
-    monkeypatch.setattr(training, "has_gpu", lambda: False)
-    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)
+    monkeypatch.setattr(loop, "has_gpu", lambda: False)
+    monkeypatch.setattr(loop, "cpu_has_bfloat16", lambda: False)
     assert engine(train_mode="fast") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 0, "devices": []}
     assert engine(train_mode="fast", mixed_precision="bfloat16")["dtype_policy"] == "mixed_bfloat16"
     # cpu_engine xla (what wins on some CPUs): XLA with at most bucket_shapes widths, as on a GPU.
     assert engine(train_mode="fast", cpu_engine="xla", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3, "devices": []}
     assert engine(train_mode="tutorial", cpu_engine="xla", jit_compile="false")["jit_compile"] is False
     # A CPU with it (this machine's Xeon): mixed bfloat16 in fast mode only.
-    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(loop, "cpu_has_bfloat16", lambda: True)
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="fast", mixed_precision="off")["dtype_policy"] == "float32"
     assert engine(train_mode="tutorial", jit_compile="true") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 1, "devices": []}
     # GPUs: XLA with at most bucket_shapes widths; bfloat16 only from compute capability 8.0.
-    monkeypatch.setattr(training, "has_gpu", lambda: True)
-    monkeypatch.setattr(training, "gpus_with_bfloat16", lambda: [])  # a T4
+    monkeypatch.setattr(loop, "has_gpu", lambda: True)
+    monkeypatch.setattr(loop, "gpus_with_bfloat16", lambda: [])  # a T4
     assert engine(train_mode="fast", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3, "devices": []}
-    monkeypatch.setattr(training, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
+    monkeypatch.setattr(loop, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="tutorial", jit_compile="false") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 1, "devices": []}
 
 
 def test_cpu_bfloat16_detection_reads_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    assert training.cpu_has_bfloat16() == ("amx_bf16" in flags)
+    assert loop.cpu_has_bfloat16() == ("amx_bf16" in flags)
 
 
 def test_a_fast_step_is_the_tutorial_step():
@@ -70,8 +72,8 @@ def test_a_fast_step_is_the_tutorial_step():
     rows, with the loss on every token and on the responses only."""
     import keras
 
-    from tasks.models import load_causal_lm
-    from tasks.prompt_template import example, instruction_prompt
+    from tasks.modeling.presets import load_causal_lm
+    from tasks.text.prompt_template import example, instruction_prompt
 
     pairs = [("Name a colour.", "Blue."), ("Name a fruit.", "A pear, often green."), ("Say hi.", "Hi!"),
              ("Count to three.", "One, two, three."), ("Name a month.", "May."), ("Name a sea.", "The Baltic Sea.")]
@@ -86,10 +88,10 @@ def test_a_fast_step_is_the_tutorial_step():
             enc = encode(lm.preprocessor.tokenizer, rows, 128, loss_tokens)
             if mode == "fast-full-logits":
                 lm.backbone.enable_lora(rank=4)
-                training.compile_for_training(lm, cfg, training.build_optimizer(cfg))
+                loop.compile_for_training(lm, cfg, loop.build_optimizer(cfg))
                 trainer = lm
             else:
-                trainer, _, compiled = training.prepare(lm, cfg, training.engine_for(cfg))
+                trainer, _, compiled = loop.prepare(lm, cfg, loop.engine_for(cfg))
                 assert (trainer is lm) == (mode == "tutorial")
                 assert [v.path for v in trainer.trainable_variables] == [v.path for v in lm.trainable_variables]
             lm.preprocessor = None
@@ -100,7 +102,7 @@ def test_a_fast_step_is_the_tutorial_step():
                     x, y, w = step_arrays(enc, Step(idx, width), batch_size=4)
                     assert x["token_ids"].shape == (4, width) and width <= 32
                     if mode == "fast":
-                        x, y, w = training.gathered(x, y, w, size=4 * width)
+                        x, y, w = loop.gathered(x, y, w, size=4 * width)
                         assert y.shape == w.shape == (4 * width,) and 0 < (w > 0).sum() < 4 * width
                 else:
                     x, y, w = step_arrays(enc, Step(idx, 128))
@@ -119,7 +121,7 @@ def test_fast_mode_reaches_the_tutorial_heldout_loss(trained_run, learnable_data
     fast = artifacts.read_finetune_result(trained_run("finetune", **LEARNABLE, dataset_source=learnable_data, train_mode="fast"))
     print("held-out tuned loss: tutorial", tut["heldout_tuned"], "fast", fast["heldout_tuned"])
     # CPU: one TF graph for every width (no XLA, no width limit); bfloat16 where the CPU has AMX.
-    bf16 = training.cpu_has_bfloat16()
+    bf16 = loop.cpu_has_bfloat16()
     assert fast["training"]["train_mode"] == "fast" and fast["training"]["jit_compile"] is False
     assert fast["training"]["dtype_policy"] == ("mixed_bfloat16" if bf16 else "float32")
     assert fast["training"]["max_widths"] == 0 and max(map(int, fast["training"]["widths"])) < 64
@@ -188,16 +190,16 @@ def test_fast_mode_under_xla_gathers_each_width_to_one_shape(tmp_path, learnable
     run_dir = tmp_path / "xla"
     for stage in (snapshot, preprocess):
         stage.run(cfg, run_dir)
-    from tasks.models import load_tokenizer
+    from tasks.modeling.presets import load_tokenizer
 
     enc = encode(load_tokenizer(cfg.model_preset), artifacts.read_train(run_dir), cfg.sequence_length, cfg.loss_tokens)
-    engine = training.engine_for(cfg)
-    plan = training.train_plan(input_lengths(enc), cfg, engine["max_widths"])
-    sizes = training.gather_sizes(enc, plan, cfg)
+    engine = loop.engine_for(cfg)
+    plan = loop.train_plan(input_lengths(enc), cfg, engine["max_widths"])
+    sizes = loop.gather_sizes(enc, plan, cfg)
     assert set(sizes) == {s.width for s in plan} and len(sizes) <= 2
     for step in plan:
         x, y, w = step_arrays(enc, step, cfg.batch_size)
-        gx, gy, gw = training.gathered(x, y, w, sizes[step.width])
+        gx, gy, gw = loop.gathered(x, y, w, sizes[step.width])
         assert gy.shape == gw.shape == gx["positions"].shape == (sizes[step.width],)
         assert gw.sum() == pytest.approx(w.sum()) and (gy[gw > 0] == y.reshape(-1)[w.reshape(-1) > 0]).all()
         assert sizes[step.width] < cfg.batch_size * step.width  # fewer logits than positions

@@ -27,7 +27,7 @@ def run(argvs: list[list[str]], **kw) -> subprocess.CompletedProcess:
 
 
 if __name__ == "__main__":
-    from tasks.cli import setup_logging
+    from tasks.infra.cli import setup_logging
 
     setup_logging()  # before TensorFlow, whose absl handler would otherwise take the root logger
     import tensorflow as tf

@@ -17,12 +17,14 @@ from typing import Any
 
 import yaml
 
-from tasks.prompt_template import TEMPLATES
-from tasks.records import COLUMN_ROLES, FORMATS, REQUIRED_COLUMNS
+from tasks.text.prompt_template import TEMPLATES
+from tasks.text.records import COLUMN_ROLES, FORMATS, REQUIRED_COLUMNS
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-PROMPT_SUITE_DIR = Path(__file__).parent / "prompt_suites"
-BUNDLED_DOLLY = Path(__file__).parent / "data" / "dolly_sample.jsonl"
+# The package data sits at the top of `tasks/`, beside the stages.
+PACKAGE_DIR = Path(__file__).parent.parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
+PROMPT_SUITE_DIR = PACKAGE_DIR / "prompt_suites"
+BUNDLED_DOLLY = PACKAGE_DIR / "data" / "dolly_sample.jsonl"
 
 # Dolly 15k's last commit on the hub (the May 2023 text revision that the bundled sample matches).
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
@@ -34,7 +36,7 @@ class ConfigError(ValueError):
 
 
 # Stages whose outputs a key changes (it is part of their input fingerprint), by name; see
-# tasks.artifacts.STAGES. Literal names here keep this module free of imports from the package.
+# tasks.pipeline.artifacts.STAGES. Literal names here keep this module free of imports from the package.
 SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, EXPORT, REPORT = (
     "snapshot", "preprocess", "sweep", "finetune", "generate", "export", "report")
 MAX_VARIANTS = 16

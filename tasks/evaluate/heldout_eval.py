@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from tasks.batching import choose_widths, encode
+from tasks.text.batching import choose_widths, encode
 
 WIDTH_MULTIPLE = 16
 # Under XLA every batch shape is one compilation: at most this many widths, and full batches.

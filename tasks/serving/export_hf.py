@@ -5,7 +5,7 @@ tokenizer; this module adds what serving stacks need and keras-hub leaves out or
 `generation_config.json` with every stop id of the prompt format (Gemma 1 gets none from keras-hub,
 Gemma 3 gets fixed ids), the special-token map for Gemma 1, a `torch_dtype` that names the stored
 dtype (a mixed policy's name is not a dtype), and shards with an index when the weights are large.
-It reads each layer's base kernel, so LoRA must be merged first (tasks.export_keras).
+It reads each layer's base kernel, so LoRA must be merged first (tasks.serving.export_keras).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from tasks.export_gguf import architecture
-from tasks.prompt_template import stop_token_ids
+from tasks.serving.export_gguf import architecture
+from tasks.text.prompt_template import stop_token_ids
 
 SHARD_BYTES = 2 * 2**30
 WEIGHTS = "model.safetensors"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks import artifacts, metrics, storage
-from tasks.config import Config
-from tasks.variants import variant_config, variant_path
+from tasks.pipeline import artifacts, storage
+from tasks.evaluate import metrics
+from tasks.pipeline.config import Config
+from tasks.pipeline.variants import variant_config, variant_path
 
 MODELS = ("base", "tuned")
 # A sweep variant's own stages: it finished when both published and neither recorded an error.

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, storage
-from tasks.airflow_settings import DAG_ID
+from tasks.pipeline import artifacts, storage
+from tasks.infra.airflow_settings import DAG_ID
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -54,7 +54,7 @@ def _setting(key: str) -> str:
     if value:
         return value
     try:  # a worker reads [gemma] from Airflow's config; a pod gets the env above
-        from tasks.airflow_settings import setting
+        from tasks.infra.airflow_settings import setting
 
         return setting(key, "")
     except Exception:  # noqa: BLE001 - no Airflow here (a pod, a bench script): env only
@@ -256,7 +256,7 @@ def log_export(run_dir: str, fingerprint: str) -> dict:
 
 
 def evaluation_metrics(ev: dict) -> dict[str, float]:
-    """The numbers of one evaluation (tasks.evaluation) as flat MLflow metrics."""
+    """The numbers of one evaluation (tasks.evaluate.evaluation) as flat MLflow metrics."""
     out: dict[str, float] = {}
     h, p = ev["heldout"], ev["perplexity"]
     for m in ("base", "tuned"):

@@ -113,7 +113,7 @@ def _raw(key: str) -> tuple[str, str]:
 
 def _run_root_mount() -> str:
     """The workers' run root (the DAG's own `run_root()`), which the pod mounts at the same path."""
-    from tasks.airflow_settings import run_root
+    from tasks.infra.airflow_settings import run_root
 
     path = run_root()
     if not path.is_absolute():

@@ -13,7 +13,7 @@ an artifact through the names and readers here, never through a string of their 
     report/      report.html, metrics.json
     promote/     decision.json                                 (+ champion.json beside the run folders)
     <stage>.error.json                                         a failed stage's reason (storage.error_path)
-    variants/v<i>/{finetune,generate}/ and variants/base_answers/   a sweep's variants (tasks.variants)
+    variants/v<i>/{finetune,generate}/ and variants/base_answers/   a sweep's variants (tasks.pipeline.variants)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
+from tasks.pipeline import storage
 
 # Stage = module `tasks.<stage>` = task id = `python -m tasks.<stage>`, in pipeline order.
 SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, EXPORT, REPORT, PROMOTE = (

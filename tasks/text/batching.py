@@ -35,7 +35,7 @@ def encode(tokenizer, examples: list[dict], sequence_length: int, loss_tokens: s
     """Pack `<bos> text <eos>` per example, truncated/padded to sequence_length + 1, then shift.
 
     Each example needs `text` and either `spans` (the character spans of its assistant turns, from
-    tasks.prompt_template.render) or `prompt` (the text's first part, before a single answer).
+    tasks.text.prompt_template.render) or `prompt` (the text's first part, before a single answer).
     Returns numpy arrays: token_ids, padding_mask (inputs), labels, label_mask (real labels), weights
     (the loss mask for `loss_tokens`), response_mask (labels that belong to an assistant turn, and
     the final <eos>) and real_tokens (label count per row).

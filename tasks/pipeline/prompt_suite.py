@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import PROMPT_SUITE_DIR, ConfigError
+from tasks.pipeline.config import PROMPT_SUITE_DIR, ConfigError
 
 
 def suite_path(name_or_path: str) -> Path:

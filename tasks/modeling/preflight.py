@@ -11,14 +11,14 @@ import json
 import logging
 from pathlib import Path
 
-from tasks.config import Config, ConfigError
+from tasks.pipeline.config import Config, ConfigError
 
 log = logging.getLogger("gemma_pipeline")
 
 
 def max_sequence_length(preset: str) -> int | None:
     """The longest sequence the model was built for, where the preset says so without loading weights."""
-    from tasks.models import is_kaggle_preset, kaggle_handle
+    from tasks.modeling.presets import is_kaggle_preset, kaggle_handle
 
     if is_kaggle_preset(preset):
         # keras-hub's preset metadata does not carry it; Gemma 1/2/3 text models take 8192.
@@ -33,8 +33,8 @@ def max_sequence_length(preset: str) -> int | None:
 
 
 def check(cfg: Config) -> dict:
-    from tasks.models import preflight as model_preflight
-    from tasks.prompt_suite import load_suite
+    from tasks.modeling.presets import preflight as model_preflight
+    from tasks.pipeline.prompt_suite import load_suite
 
     model_preflight(cfg.model_preset)
     suite = load_suite(cfg.prompt_suite)

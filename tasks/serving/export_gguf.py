@@ -1,6 +1,6 @@
 """A merged keras-hub Gemma as GGUF for llama.cpp, Ollama and LM Studio, plus an Ollama Modelfile.
 
-The inverse of tasks/gguf_import.py, written to llama.cpp's own conventions for the `gemma` (Gemma 1)
+The inverse of tasks/modeling/gguf_import.py, written to llama.cpp's own conventions for the `gemma` (Gemma 1)
 and `gemma3` architectures: tensors named `token_embd`, `output_norm`, `blk.N.*`; every RMSNorm
 weight stored as `1 + w` (keras-hub computes `x * (1 + scale)`, llama.cpp `x * w`); no `output`
 tensor (the LM head is tied to the embedding); the SentencePiece vocabulary as `tokenizer.ggml.*`
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
+from tasks.pipeline import storage
 
 FORMATS = {"f16": "F16", "q8_0": "Q8_0"}
 # llama.cpp's token types (gguf.TokenType), by SentencePiece piece type.

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from tasks.batching import Step, plan_batches, step_arrays
-from tasks.config import Config
+from tasks.text.batching import Step, plan_batches, step_arrays
+from tasks.pipeline.config import Config
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -137,7 +137,7 @@ def dtype_policy_for(cfg: Config) -> str:
 
 
 def train_plan(lengths: list[int], cfg: Config, max_widths: int | None = None) -> list[Step]:
-    """Every step's examples and padded width (tasks.batching.plan_batches), a pure function of the
+    """Every step's examples and padded width (tasks.text.batching.plan_batches), a pure function of the
     token lengths, the config and the engine's width limit (`engine_for`; default: this device's):
     a resumed run rebuilds the plan it was checkpointed with. In tutorial mode: each epoch's seeded
     permutation cut into batches, as the stage always did."""
@@ -363,11 +363,11 @@ def dtype_policy(name: str) -> Iterator[None]:
 
 
 def prepare(lm, cfg: Config, engine: dict):
-    """LoRA on (tasks.adapter; the token rows too if the caller enabled them), the optimizer built
+    """LoRA on (tasks.training.adapter; the token rows too if the caller enabled them), the optimizer built
     and the model that trains compiled for the engine: (trainer, optimizer, what was compiled). The
     trainer is `lm` in tutorial mode and its LossPositions in fast mode; either way it trains
     `lm`'s own variables."""
-    from tasks import adapter
+    from tasks.training import adapter
 
     adapter.enable(lm, cfg.lora_rank)
     optimizer = build_optimizer(cfg)

@@ -2,7 +2,7 @@
 
 The config key `variants` lists overrides over the training keys (`config.VARIANT_KEYS`). The
 `sweep` stage writes one spec per variant (index, name, label, overrides) to its plan; `finetune`
-and `generate` take one spec as `--variant JSON` (tasks.cli), apply its overrides on top of the run's
+and `generate` take one spec as `--variant JSON` (tasks.infra.cli), apply its overrides on top of the run's
 config and work in the variant's folder `<run dir>/variants/v<i>/`, where the run's snapshot and
 preprocess are relative links. With no variants the plan is one unnamed variant without overrides,
 whose folder is the run folder itself, as in a single run.
@@ -16,9 +16,9 @@ import os
 import re
 from pathlib import Path
 
-from tasks import artifacts, storage
-from tasks.artifacts import PREPROCESS, SNAPSHOT, SWEEP
-from tasks.config import Config, ConfigError, coerce_variants
+from tasks.pipeline import artifacts, storage
+from tasks.pipeline.artifacts import PREPROCESS, SNAPSHOT, SWEEP
+from tasks.pipeline.config import Config, ConfigError, coerce_variants
 
 VARIANTS_DIR = "variants"
 # The base model's answers, shared by a sweep's variants (see tasks.generate).

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tasks.config import Config, ConfigError, load_config, parse_overrides
-from tasks.storage import error_path
-from tasks.variants import parse_spec, variant_dir
+from tasks.pipeline.config import Config, ConfigError, load_config, parse_overrides
+from tasks.pipeline.storage import error_path
+from tasks.pipeline.variants import parse_spec, variant_dir
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -35,7 +35,7 @@ def setup_logging() -> None:
 
 def stage_argv(stage: str, config: str, run_dir: str, overrides: dict | None = None, variant: str | None = None) -> list[str]:
     """The argv after `python -m tasks.<stage>`; overrides in a stable order, then the variant (a
-    sweep's spec as JSON, see tasks.variants), whose overrides come last and win."""
+    sweep's spec as JSON, see tasks.pipeline.variants), whose overrides come last and win."""
     argv = ["--config", config, "--run-dir", str(run_dir)]
     for key in sorted(overrides or {}):
         value = overrides[key]
@@ -65,7 +65,7 @@ def stage_main(
     ap.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
     ap.add_argument(
         "--variant", default=None, metavar="JSON",
-        help="a sweep variant's spec (see tasks.variants): its overrides win over --set, its outputs go to "
+        help="a sweep variant's spec (see tasks.pipeline.variants): its overrides win over --set, its outputs go to "
         "<run dir>/variants/<name>",
     )
     args = ap.parse_args(argv)
@@ -89,7 +89,7 @@ def stage_main(
     failure.unlink(missing_ok=True)
     try:
         if os.environ.get("GEMMA_REQUIRE_GPU") == "1":
-            from tasks.gpu_check import require_gpu
+            from tasks.infra.gpu_check import require_gpu
 
             require_gpu()
         result = run(cfg, run_dir, args.force)

@@ -25,7 +25,7 @@ def setting(key: str, default: str) -> str:
 
 # [gemma] retries: what every task of a run gets, locally and in pods. A killed or preempted task
 # (OOM killer, node drain, crash) is retried and resumes from its checkpoint with no one clicking;
-# an error a retry would repeat is not retried (tasks.storage.NOT_RETRIED).
+# an error a retry would repeat is not retried (tasks.pipeline.storage.NOT_RETRIED).
 RETRIES_DEFAULT = "2"
 RETRY_DELAY_DEFAULT_S = "15"
 

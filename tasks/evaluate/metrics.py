@@ -11,7 +11,7 @@ import random
 import re
 from statistics import fmean
 
-from tasks import prompt_template
+from tasks.text import prompt_template
 
 _WORD = re.compile(r"[\w']+")
 
@@ -104,7 +104,7 @@ def bootstrap_perplexity_ci(base: list[dict], tuned: list[dict], resamples: int 
                             level: float = 0.95) -> dict:
     """Paired bootstrap of the response perplexity change (tuned - base) over held-out examples.
 
-    Each item is one example's `response_loss_sum` and `response_tokens` (tasks.heldout_eval); a
+    Each item is one example's `response_loss_sum` and `response_tokens` (tasks.evaluate.heldout_eval); a
     resample draws examples with replacement, the same ones for both models, and recomputes each
     model's perplexity as exp(summed loss / summed tokens), as the point estimate is computed."""
     if len(base) != len(tuned) or not base:

@@ -156,7 +156,7 @@ def merged_token_rows(lm) -> dict[int, "object"]:
 def template_token_ids(tokenizer, template: str, setting: str) -> list[int]:
     """The token ids whose rows train: with `trainable_tokens: auto`, the template's turn markers
     (prompt_template.turn_tokens) that the vocabulary has; none with `none`."""
-    from tasks.prompt_template import turn_tokens
+    from tasks.text.prompt_template import turn_tokens
 
     if setting == "none":
         return []

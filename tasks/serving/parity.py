@@ -20,7 +20,7 @@ GREEDY_TOKENS = 16
 # its top TOP_K at every position of the greedy reference, fed the reference (teacher-forced).
 TOP_K = 5
 # keras: float32 rounding, relative to the largest logit. The merged LoRA kernels give exactly the
-# tuned model's logits; merged token rows (tasks.adapter) differ in those tokens' columns by float
+# tuned model's logits; merged token rows (tasks.training.adapter) differ in those tokens' columns by float
 # rounding (h.(E + delta) against h.E + h.delta: 8e-5 at logits up to ~180 on the demo's model).
 TOLERANCE = {"keras_logits_relative": 1e-5, "hf_logprobs": 1e-3, "f16_same_tokens": 8, "q8_0_in_top_k": GREEDY_TOKENS}
 
@@ -113,7 +113,7 @@ def check_hf(ref: dict, hf_dir: Path) -> dict:
         np.savez(data, texts=np.asarray(ref["texts"]), greedy=np.asarray(ref["greedy"]),
                  **{f"ids_{k}": np.asarray(i) for k, i in enumerate(ref["ids"])},
                  **{f"logprobs_{k}": lp for k, lp in enumerate(ref["logprobs"])})
-        out = subprocess.run([sys.executable, "-m", "tasks.parity", "hf", str(hf_dir), str(data)],
+        out = subprocess.run([sys.executable, "-m", "tasks.serving.parity", "hf", str(hf_dir), str(data)],
                              capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"the transformers parity check failed to run: {out.stderr[-3000:]}")
@@ -206,5 +206,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] != ["hf"] or len(sys.argv) != 4:
-        sys.exit("usage: python -m tasks.parity hf HF_DIR REFERENCE.npz (run by check_hf)")
+        sys.exit("usage: python -m tasks.serving.parity hf HF_DIR REFERENCE.npz (run by check_hf)")
     print(json.dumps(_hf_in_this_process(Path(sys.argv[2]), Path(sys.argv[3]))))

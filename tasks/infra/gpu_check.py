@@ -1,6 +1,6 @@
 """Start-up check of a GPU pod: log what TensorFlow sees, and stop clearly when it sees no GPU.
 
-`tasks.cli.stage_main` calls `require_gpu()` when GEMMA_REQUIRE_GPU=1, which the kubernetes runner
+`tasks.infra.cli.stage_main` calls `require_gpu()` when GEMMA_REQUIRE_GPU=1, which the kubernetes runner
 sets in the `finetune` and `generate` pods. Without the check, a pod whose GPU is missing (no device
 plugin, a CPU-only image, a driver mismatch) would silently train for hours on the CPU.
 GEMMA_ALLOW_CPU=1 (`[gemma] allow_cpu`) lets the stage go on without a GPU.

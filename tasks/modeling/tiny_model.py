@@ -13,9 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-from tasks import storage
-from tasks.config import BUNDLED_DOLLY
-from tasks.prompt_template import example
+from tasks.pipeline import storage
+from tasks.pipeline.config import BUNDLED_DOLLY
+from tasks.text.prompt_template import example
 
 log = logging.getLogger("gemma_pipeline")
 

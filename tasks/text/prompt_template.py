@@ -53,7 +53,7 @@ def render(messages: list[dict], template: str, context: str = "") -> tuple[str,
     turn in it: the answer and what ends it (`<end_of_turn>` in gemma_chat). The span that ends the
     text also owns the <eos> the tokenizer appends: in gemma_chat the last turn's span is its answer,
     `<end_of_turn>`, the newline and then <eos>, as Gemma's own fine-tuning recipes end a sequence.
-    `messages` are a normalized record's (tasks.records)."""
+    `messages` are a normalized record's (tasks.text.records)."""
     before, between, end, after = _PARTS[check(template)]
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
     turns = [m for m in messages if m["role"] != "system"]

@@ -33,8 +33,8 @@ def _key(layer) -> str:
 
 def tuned_model(preset: str, models_dir: str, lora_rank: int, adapter_file: Path):
     """The base model with the adapter loaded (what the report evaluated)."""
-    from tasks import adapter
-    from tasks.models import load_causal_lm
+    from tasks.training import adapter
+    from tasks.modeling.presets import load_causal_lm
 
     lm = load_causal_lm(preset, models_dir)
     adapter.load(lm, adapter_file, lora_rank)
@@ -47,7 +47,7 @@ def merged_weights(tuned, adapter_file: Path) -> Merged:
     import keras
     import numpy as np
 
-    from tasks import adapter
+    from tasks.training import adapter
 
     kernels = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in lora_layers(tuned.backbone)}
     if not kernels:
@@ -58,7 +58,7 @@ def merged_weights(tuned, adapter_file: Path) -> Merged:
 def base_with_kernels(preset: str, models_dir: str, merged: Merged):
     """A fresh base model (no LoRA) holding the `merged` weights (from `merged_weights`). Drop the
     tuned model before calling it, so two models never sit in memory together."""
-    from tasks.models import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm
 
     lm = load_causal_lm(preset, models_dir)
     if merged.token_rows:
