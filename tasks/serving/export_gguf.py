@@ -15,11 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tasks.modeling import gguf_tensors
 from tasks.pipeline import storage
 
 FORMATS = {"f16": "F16", "q8_0": "Q8_0"}
-# llama.cpp's token types (gguf.TokenType), by SentencePiece piece type.
-_SP_TO_GGUF_TYPE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}  # NORMAL UNKNOWN CONTROL USER_DEFINED UNUSED BYTE
 _SP_SPACE = "\u2581"
 # Pieces llama.cpp's converter marks CONTROL (chat-turn markers): parsed as special, never split.
 _CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>")
@@ -66,47 +65,8 @@ def _tensors(backbone, arch: str) -> dict[str, Any]:
     """GGUF tensor name -> numpy array in GGUF's (numpy) layout, from the keras variables."""
     import numpy as np
 
-    def value(var):
-        return np.asarray(var.numpy(), dtype=np.float32)
-
-    def norm(var):
-        return value(var) + np.float32(1.0)
-
-    hidden, head_dim = backbone.hidden_dim, backbone.head_dim
-    out = {
-        "token_embd.weight": value(backbone.get_layer("token_embedding").embeddings),
-        "output_norm.weight": norm(backbone.get_layer("final_normalization").scale),
-    }
-    for i in range(backbone.num_layers):
-        block = backbone.get_layer(f"decoder_block_{i}")
-        att = block.attention
-        p = f"blk.{i}."
-
-        def per_head_in(kernel):  # keras (heads, hidden, head_dim) -> (heads * head_dim, hidden)
-            k = value(kernel)
-            return np.ascontiguousarray(k.transpose(0, 2, 1).reshape(k.shape[0] * head_dim, hidden))
-
-        out.update({
-            p + "attn_norm.weight": norm(block.pre_attention_norm.scale),
-            p + "ffn_norm.weight": norm(block.pre_ffw_norm.scale),
-            p + "attn_q.weight": per_head_in(att.query_dense.kernel),
-            p + "attn_k.weight": per_head_in(att.key_dense.kernel),
-            p + "attn_v.weight": per_head_in(att.value_dense.kernel),
-            # keras (heads, head_dim, hidden) -> (hidden, heads * head_dim)
-            p + "attn_output.weight": np.ascontiguousarray(
-                value(att.output_dense.kernel).transpose(2, 0, 1).reshape(hidden, -1)),
-            p + "ffn_gate.weight": np.ascontiguousarray(value(block.gating_ffw.kernel).T),
-            p + "ffn_up.weight": np.ascontiguousarray(value(block.gating_ffw_2.kernel).T),
-            p + "ffn_down.weight": np.ascontiguousarray(value(block.ffw_linear.kernel).T),
-        })
-        if arch == "gemma3":
-            out.update({
-                p + "post_attention_norm.weight": norm(block.post_attention_norm.scale),
-                p + "post_ffw_norm.weight": norm(block.post_ffw_norm.scale),
-                p + "attn_q_norm.weight": norm(att.query_norm.scale),
-                p + "attn_k_norm.weight": norm(att.key_norm.scale),
-            })
-    return out
+    return {name: t.to_gguf(np.asarray(t.variable.numpy(), dtype=np.float32))
+            for name, t in gguf_tensors.tensors(backbone, arch).items()}
 
 
 def vocabulary(tokenizer) -> dict:
@@ -120,13 +80,13 @@ def vocabulary(tokenizer) -> dict:
     for piece in proto.pieces:
         text, ptype = piece.piece, int(piece.type)
         if text in _CHAT_MARKERS:
-            ptype = 3
-        if ptype == 4:
+            ptype = gguf_tensors.CONTROL
+        if ptype == gguf_tensors.USER_DEFINED:
             # llama.cpp matches user-defined pieces in raw text, where a space is a space.
             text = text.replace(_SP_SPACE, " ")
         tokens.append(text)
         scores.append(float(piece.score))
-        types.append(_SP_TO_GGUF_TYPE[ptype])
+        types.append(ptype)  # SentencePiece's piece types are llama.cpp's token types
     ids = {name: tokenizer.token_to_id(piece) for name, piece in
            (("bos", "<bos>"), ("eos", "<eos>"), ("unk", "<unk>"), ("pad", "<pad>"))}
     if proto.normalizer_spec.add_dummy_prefix:
