@@ -86,9 +86,9 @@ def workload(n: int, sequence_length: int, vocab: int, seed: int = 0) -> dict:
 def build_lm(shape: dict, policy: str):
     import keras_hub
 
-    from tasks.training import loop
+    from tasks.training import device
 
-    with loop.dtype_policy(policy):
+    with device.dtype_policy(policy):
         backbone = keras_hub.models.GemmaBackbone(**shape)
         return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
@@ -122,7 +122,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     cfg = load_config("gemma_2b_lora", {"train_mode": mode, "batch_size": str(args.batch_size),
                                          "sequence_length": str(args.sequence_length), "num_examples": str(n),
                                          "data_parallel": "auto" if args.replicas > 1 else "off"})
-    engine = loop.engine_for(cfg)
+    engine = device.engine_for(cfg)
     if args.replicas > 1 and len(engine["devices"]) != args.replicas:
         sys.exit(f"--replicas {args.replicas}: training would use {len(engine['devices'])} devices "
                  f"({engine['devices']}); batch-size {args.batch_size} must be a multiple of it")
@@ -130,7 +130,7 @@ def train_mode(mode: str, args, shape: dict, enc: dict, device: str, on_gpu: boo
     keras.utils.set_random_seed(cfg.training_seed)
     keras.backend.clear_session()
     reset_gpu_peak()
-    scope = loop.strategy(engine).scope()
+    scope = device.strategy(engine).scope()
     scope.__enter__()
     t = time.time()
     lm = build_lm(shape, policy)

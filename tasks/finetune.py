@@ -22,7 +22,7 @@ from typing import Any
 
 from tasks.pipeline import artifacts, storage
 from tasks.infra import tracking
-from tasks.training import adapter, loop
+from tasks.training import adapter, device, loop
 from tasks.pipeline.artifacts import FINETUNE as STAGE
 from tasks.text.batching import encode, input_lengths, plan_orders
 from tasks.training.checkpoints import Checkpoints
@@ -190,7 +190,7 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
         "heldout_tuned": tuned_scores,
         "final_loss": t.history[-1]["loss"] if t.history else None,
         "keras_version": keras.__version__,
-        "device": loop.describe_device(),
+        "device": device.describe_device(),
     }
     storage.write_json(out / artifacts.HISTORY, t.history)
     storage.write_json(out / artifacts.RESULT, result)
@@ -204,14 +204,14 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
 def tune(cfg: Config, run_dir: Path, out: Path, fp: str) -> dict:
     import keras
 
-    engine = loop.engine_for(cfg)
+    engine = device.engine_for(cfg)
     if engine["devices"]:
         log.info("finetune: data parallel over %d devices (%s): global batch %d, %d per device",
                  len(engine["devices"]), ", ".join(engine["devices"]), cfg.batch_size, cfg.batch_size // len(engine["devices"]))
     # The model, LoRA and the optimizer are built inside the strategy's scope (mirrored variables);
     # held-out scoring reads them on one device.
-    with loop.dtype_policy(engine["dtype_policy"]):
-        with loop.strategy(engine).scope():
+    with device.dtype_policy(engine["dtype_policy"]):
+        with device.strategy(engine).scope():
             s = setup(cfg, run_dir, engine, fp)
             base_scores = score_base(s)
             trained = train(s, base_scores)

@@ -5,7 +5,7 @@ is saved in the adapter file, loads back and merges into a plain model."""
 import numpy as np
 import pytest
 
-from tasks.training import adapter
+from tasks.training import adapter, device
 from tasks.serving import export_keras
 from tasks.text.batching import encode
 from tasks.modeling.presets import load_causal_lm
@@ -67,7 +67,7 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     tok = lm.preprocessor.tokenizer
     ids = adapter.template_token_ids(tok, "gemma_chat", cfg.trainable_tokens)
     adapter.enable(lm, cfg.lora_rank, ids)
-    trainer, _, _ = loop.prepare(lm, cfg, loop.engine_for(cfg))
+    trainer, _, _ = loop.prepare(lm, cfg, device.engine_for(cfg))
     enc = encode(tok, [{"prompt": "", "text": t} for t in CHAT * 4], 48)
     plan = loop.train_plan([48] * 8, cfg)
     loop.fit(trainer, lm, enc, plan, cfg, [])

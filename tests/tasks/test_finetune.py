@@ -6,7 +6,7 @@ import pytest
 
 from tasks import finetune, preprocess, snapshot
 from tasks.pipeline import artifacts
-from tasks.training import loop
+from tasks.training import device, loop
 from tasks.pipeline.config import load_config
 from tasks.text.prompt_template import example
 from tasks.pipeline.storage import StageInputError
@@ -60,8 +60,8 @@ def test_the_stage_is_its_named_steps_in_order(trained_run, tmp_path):
     by_run = artifacts.read_finetune_result(run_dir)
     out = tmp_path / "by_hand"
     out.mkdir()
-    engine = loop.engine_for(cfg)
-    with loop.dtype_policy(engine["dtype_policy"]):
+    engine = device.engine_for(cfg)
+    with device.dtype_policy(engine["dtype_policy"]):
         s = finetune.setup(cfg, run_dir, engine, fp="by-hand")
         assert s.resume is None and len(s.plan) == 16 // cfg.batch_size and len(s.heldout) == 4
         base = finetune.score_base(s)

@@ -9,7 +9,7 @@ import pytest
 
 from tasks import finetune, preprocess, snapshot
 from tasks.pipeline import artifacts
-from tasks.training import loop
+from tasks.training import device, loop
 from tasks.text.batching import Step, encode, input_lengths, step_arrays
 from tasks.training.checkpoints import Checkpoints
 from tasks.pipeline.config import ConfigError, load_config
@@ -36,33 +36,33 @@ def test_defaults_stay_the_tutorial_recipe_and_fast_is_one_setting_away():
 
 def test_engine_follows_the_device_in_fast_mode_and_the_config_in_tutorial_mode(monkeypatch):
     def engine(**kw):
-        return loop.engine_for(load_config("tiny_test", kw))
+        return device.engine_for(load_config("tiny_test", kw))
 
     # A CPU without AMX-BF16: float32, a TF graph for any width.
-    monkeypatch.setattr(loop, "has_gpu", lambda: False)
-    monkeypatch.setattr(loop, "cpu_has_bfloat16", lambda: False)
+    monkeypatch.setattr(device, "has_gpu", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: False)
     assert engine(train_mode="fast") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 0, "devices": []}
     assert engine(train_mode="fast", mixed_precision="bfloat16")["dtype_policy"] == "mixed_bfloat16"
     # cpu_engine xla (what wins on some CPUs): XLA with at most bucket_shapes widths, as on a GPU.
     assert engine(train_mode="fast", cpu_engine="xla", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3, "devices": []}
     assert engine(train_mode="tutorial", cpu_engine="xla", jit_compile="false")["jit_compile"] is False
     # A CPU with it (this machine's Xeon): mixed bfloat16 in fast mode only.
-    monkeypatch.setattr(loop, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: True)
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="fast", mixed_precision="off")["dtype_policy"] == "float32"
     assert engine(train_mode="tutorial", jit_compile="true") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 1, "devices": []}
     # GPUs: XLA with at most bucket_shapes widths; bfloat16 only from compute capability 8.0.
-    monkeypatch.setattr(loop, "has_gpu", lambda: True)
-    monkeypatch.setattr(loop, "gpus_with_bfloat16", lambda: [])  # a T4
+    monkeypatch.setattr(device, "has_gpu", lambda: True)
+    monkeypatch.setattr(device, "gpus_with_bfloat16", lambda: [])  # a T4
     assert engine(train_mode="fast", bucket_shapes="3") == {"jit_compile": True, "dtype_policy": "float32", "max_widths": 3, "devices": []}
-    monkeypatch.setattr(loop, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
+    monkeypatch.setattr(device, "gpus_with_bfloat16", lambda: ["NVIDIA H100 80GB HBM3"])
     assert engine(train_mode="fast")["dtype_policy"] == "mixed_bfloat16"
     assert engine(train_mode="tutorial", jit_compile="false") == {"jit_compile": False, "dtype_policy": "float32", "max_widths": 1, "devices": []}
 
 
 def test_cpu_bfloat16_detection_reads_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    assert loop.cpu_has_bfloat16() == ("amx_bf16" in flags)
+    assert device.cpu_has_bfloat16() == ("amx_bf16" in flags)
 
 
 def test_a_fast_step_is_the_tutorial_step():
@@ -91,7 +91,7 @@ def test_a_fast_step_is_the_tutorial_step():
                 loop.compile_for_training(lm, cfg, loop.build_optimizer(cfg))
                 trainer = lm
             else:
-                trainer, _, compiled = loop.prepare(lm, cfg, loop.engine_for(cfg))
+                trainer, _, compiled = loop.prepare(lm, cfg, device.engine_for(cfg))
                 assert (trainer is lm) == (mode == "tutorial")
                 assert [v.path for v in trainer.trainable_variables] == [v.path for v in lm.trainable_variables]
             lm.preprocessor = None
@@ -121,7 +121,7 @@ def test_fast_mode_reaches_the_tutorial_heldout_loss(trained_run, learnable_data
     fast = artifacts.read_finetune_result(trained_run("finetune", **LEARNABLE, dataset_source=learnable_data, train_mode="fast"))
     print("held-out tuned loss: tutorial", tut["heldout_tuned"], "fast", fast["heldout_tuned"])
     # CPU: one TF graph for every width (no XLA, no width limit); bfloat16 where the CPU has AMX.
-    bf16 = loop.cpu_has_bfloat16()
+    bf16 = device.cpu_has_bfloat16()
     assert fast["training"]["train_mode"] == "fast" and fast["training"]["jit_compile"] is False
     assert fast["training"]["dtype_policy"] == ("mixed_bfloat16" if bf16 else "float32")
     assert fast["training"]["max_widths"] == 0 and max(map(int, fast["training"]["widths"])) < 64
@@ -193,7 +193,7 @@ def test_fast_mode_under_xla_gathers_each_width_to_one_shape(tmp_path, learnable
     from tasks.modeling.presets import load_tokenizer
 
     enc = encode(load_tokenizer(cfg.model_preset), artifacts.read_train(run_dir), cfg.sequence_length, cfg.loss_tokens)
-    engine = loop.engine_for(cfg)
+    engine = device.engine_for(cfg)
     plan = loop.train_plan(input_lengths(enc), cfg, engine["max_widths"])
     sizes = loop.gather_sizes(enc, plan, cfg)
     assert set(sizes) == {s.width for s in plan} and len(sizes) <= 2
