@@ -16,7 +16,7 @@ from tasks import snapshot
 from tasks.pipeline import artifacts
 from tasks.infra.cli import stage_argv
 from tasks.pipeline.config import BUNDLED_DOLLY, ConfigError, load_config
-from tasks.snapshot import SnapshotError
+from tasks.pipeline.sources import SnapshotError
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.model

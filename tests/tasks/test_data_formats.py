@@ -11,10 +11,10 @@ import pytest
 
 from tasks import preprocess, snapshot
 from tasks.text import prompt_template, records
-from tasks.pipeline import artifacts, storage
+from tasks.pipeline import artifacts, snapshot_store, storage
 from tasks.text.batching import encode
 from tasks.pipeline.config import BUNDLED_DOLLY, ConfigError, load_config
-from tasks.snapshot import SnapshotError
+from tasks.pipeline.sources import SnapshotError
 
 pytestmark = pytest.mark.model
 
@@ -68,7 +68,7 @@ def test_every_single_turn_format_and_file_type_reaches_the_same_record(tmp_path
         got, manifest = snap(tmp_path, write([shape(r) for r in DOLLY], tmp_path / f"{fmt}{suffix}"), fmt,
                              dataset_format=fmt, **extra)
         assert got == want, (fmt, suffix)
-        assert manifest["dataset_format"] == fmt and manifest["sha256"] == snapshot.content_sha256(want)
+        assert manifest["dataset_format"] == fmt and manifest["sha256"] == snapshot_store.content_sha256(want)
     # The normalized shape, and Dolly's ids unchanged by it (old snapshot stores still diff by id).
     first = want[0]
     assert first["messages"] == [{"role": "user", "content": DOLLY[0]["instruction"]},

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from tasks import snapshot
-from tasks.pipeline import artifacts
+from tasks.pipeline import artifacts, snapshot_store
 from tasks.infra.airflow_settings import run_dir_for
 from tasks.pipeline.config import BUNDLED_DOLLY, load_config
 from tasks.text import records
-from tasks.snapshot import CATEGORIES, SnapshotError
+from tasks.pipeline.sources import SnapshotError
+from tasks.text.records import DOLLY_CATEGORIES as CATEGORIES
 from tests.conftest import DOLLY_OLDREV, REPO
 
 
@@ -35,7 +36,7 @@ def test_bundled_snapshot_manifest(tmp_path):
     assert set(manifest["category_counts"]) == set(CATEGORIES)
     assert sum(manifest["category_counts"].values()) == 1700
     assert manifest["rows_with_context"] == sum(1 for r in records if r["context"].strip())
-    assert manifest["sha256"] == snapshot.content_sha256(records) and len(manifest["sha256"]) == 64
+    assert manifest["sha256"] == snapshot_store.content_sha256(records) and len(manifest["sha256"]) == 64
     assert (tmp_path / "snapshot" / "_SUCCESS").is_file()
 
 
@@ -248,7 +249,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     for pair in examples["changed"]:
         old, new = before[pair["from"]], after[pair["to"]]
         assert pair["from"] not in after and pair["to"] not in before
-        assert snapshot.change_key(old) == snapshot.change_key(new)
+        assert snapshot_store.change_key(old) == snapshot_store.change_key(new)
     [added] = examples["added"]
     # the pre-fix row that repeated its instruction
     assert records.response(after[added]) == records.instruction(after[added])
