@@ -1,9 +1,9 @@
-"""Gemma LoRA fine-tune: snapshot -> preprocess -> sweep -> [finetune -> generate] -> report -> promote.
+"""Gemma LoRA fine-tune: snapshot -> preprocess -> sweep -> [finetune -> generate] -> export -> report -> promote.
 
 `sweep` plans the LoRA variants (Param `variants`, a list of overrides; empty: one fine-tune);
 `finetune` and `generate` are mapped over them (one mapped instance per variant, each variant in its
-own folder); `report` compares every variant with the base model and `promote` promotes the best
-one that passes the quality gate. A failed variant is shown as failed; the others go on.
+own folder); `export` writes the serving formats of the variant that passes the quality gate;
+`report` compares every variant with the base model and `promote` promotes that one. A failed variant is shown as failed; the others go on.
 `snapshot_changed`, a leaf beside `preprocess`, emits the dataset's Asset event only when the
 snapshot's content changed (skipped otherwise).
 
@@ -20,7 +20,7 @@ import json
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
-from tasks.infra.airflow_settings import DAG_ID, retries, run_dir_for, run_root, schedule, setting
+from tasks.infra.settings import DAG_ID, retries, run_dir_for, run_root, schedule, setting
 from tasks.pipeline.artifacts import asset_uri
 from tasks.infra.cli import stage_argv
 from tasks.pipeline.config import Config, read_config_file, trigger_form
@@ -186,7 +186,7 @@ def gemma_lora_finetune():
         if RUNNER == "kubernetes":
             # Production: the GPU stages run the same argv in a GPU pod (image and pod settings: [gemma]),
             # at most [gemma] max_parallel_pods variants at a time, in [gemma] pool.
-            from tasks.infra.k8s_pod import gpu_stage_operator
+            from tasks.infra.pod_operator import gpu_stage_operator
 
             tuned = gpu_stage_operator("finetune", templated_argv("finetune"), TIMEOUTS["finetune"], LABEL_TEMPLATE)
             answered = gpu_stage_operator("generate", templated_argv("generate"), TIMEOUTS["generate"], LABEL_TEMPLATE)
@@ -203,7 +203,7 @@ def gemma_lora_finetune():
     variants = variant.expand(spec=planned)
     if RUNNER == "kubernetes":
         # The merge needs the model in memory (~10 GB for Gemma-2B): a pod like the GPU stages'.
-        from tasks.infra.k8s_pod import gpu_stage_operator
+        from tasks.infra.pod_operator import gpu_stage_operator
 
         exported = gpu_stage_operator("export", templated_argv("export", mapped=False), TIMEOUTS["export"],
                                       trigger_rule="all_done_min_one_success")

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperatorLink
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
-from tasks.infra.airflow_settings import DAG_ID, run_dir_for, runs_dir
+from tasks.infra.settings import DAG_ID, run_dir_for, runs_dir
 from tasks.pipeline.artifacts import report_path
 
 PREFIX = "/gemma-reports"

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from tasks.infra.settings import runs_dir
 from tasks.pipeline import artifacts
 from tasks.text.prompt_template import instruction_prompt
 
 
 def default_champion() -> Path:
-    root = os.environ.get("GEMMA_RUN_ROOT") or str(Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "gemma_runs")
-    return Path(root).expanduser() / "runs" / artifacts.CHAMPION
+    return runs_dir() / artifacts.CHAMPION
 
 
 def load(champion: dict):

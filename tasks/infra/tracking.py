@@ -21,9 +21,10 @@ on; `python -m tasks.track --run-dir DIR` (or the stage rerun) logs what is miss
 file says `logged` with the MLflow run id once it is in. Secrets never reach MLflow: params are
 config keys (no credentials among them), tags are fixed names, artifacts are the run's own files.
 
-Where: `GEMMA_MLFLOW_TRACKING_URI` (or `[gemma] mlflow_tracking_uri`; the pods get it as env), else
+Where: `[gemma] mlflow_tracking_uri` (read by tasks.infra.settings: Airflow's config, then the env
+variable GEMMA_MLFLOW_TRACKING_URI; the pods get it as env), else
 an embedded SQLite store `sqlite:///<run root>/mlflow.db` with artifacts in `<run root>/mlartifacts/`.
-`GEMMA_MLFLOW_UI_URL` (or `[gemma] mlflow_ui_url`), when set, makes the report link to the run.
+`[gemma] mlflow_ui_url`, when set, makes the report link to the run.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.pipeline import artifacts, storage
-from tasks.infra.airflow_settings import DAG_ID
+from tasks.infra.settings import DAG_ID, setting
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -49,18 +50,6 @@ STATE_DIR = "tracking"  # <run dir>/tracking/<piece>.json: pending or logged
 DB_FILE, ARTIFACT_DIR = "mlflow.db", "mlartifacts"
 
 
-def _setting(key: str) -> str:
-    value = os.environ.get(f"GEMMA_{key.upper()}", "")
-    if value:
-        return value
-    try:  # a worker reads [gemma] from Airflow's config; a pod gets the env above
-        from tasks.infra.airflow_settings import setting
-
-        return setting(key, "")
-    except Exception:  # noqa: BLE001 - no Airflow here (a pod, a bench script): env only
-        return ""
-
-
 def run_root_of(run_dir: Path) -> Path:
     """<run root> from a run folder (<run root>/runs/<run>) or a variant's (<run>/variants/v<i>)."""
     run_dir = Path(run_dir).resolve()
@@ -70,16 +59,16 @@ def run_root_of(run_dir: Path) -> Path:
 
 
 def tracking_uri(run_dir: Path) -> str:
-    return _setting("mlflow_tracking_uri") or f"sqlite:///{run_root_of(run_dir) / DB_FILE}"
+    return setting("mlflow_tracking_uri") or f"sqlite:///{run_root_of(run_dir) / DB_FILE}"
 
 
 def artifact_location(run_dir: Path) -> str | None:
     """Where a new experiment keeps its artifacts: beside the embedded store; a server decides its own."""
-    return None if _setting("mlflow_tracking_uri") else (run_root_of(run_dir) / ARTIFACT_DIR).as_uri()
+    return None if setting("mlflow_tracking_uri") else (run_root_of(run_dir) / ARTIFACT_DIR).as_uri()
 
 
 def ui_url() -> str:
-    return _setting("mlflow_ui_url").rstrip("/")
+    return setting("mlflow_ui_url").rstrip("/")
 
 
 def keys(run_dir: Path) -> tuple[Path, str, str]:
@@ -141,7 +130,7 @@ def run_tags(top: Path) -> dict[str, str]:
     run_id = os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
     if run_id:
         tags["airflow.run_id"] = run_id
-    base = _setting("airflow_base_url") or os.environ.get("AIRFLOW__API__BASE_URL", "")
+    base = setting("airflow_base_url") or os.environ.get("AIRFLOW__API__BASE_URL", "")
     if base and run_id:
         from urllib.parse import quote
 
@@ -362,8 +351,17 @@ def replay(run_dir: Path, skip: tuple[str, ...] = ()) -> list[dict]:
     done = []
     for state in states(run_dir):
         if state["status"] != "logged" and state["piece"] not in skip:
-            done.append(globals()[state["call"]["fn"]](**state["call"]["kwargs"]))
+            fn = REPLAYABLE.get(state["call"]["fn"])
+            if fn is None:
+                raise ValueError(f"{state['piece']}: tracking file names {state['call']['fn']!r}, which is not one of "
+                                 f"the functions a pending piece may call ({', '.join(REPLAYABLE)})")
+            done.append(fn(**state["call"]["kwargs"]))
     return done
+
+
+# What a pending tracking file may call, by the name it records: tracking files written before the
+# library moved into packages name these same functions.
+REPLAYABLE = {fn.__name__: fn for fn in (log_finetune, log_generate, log_export, log_report, register_champion)}
 
 
 def status(run_dir: Path) -> dict:

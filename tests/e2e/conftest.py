@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tasks.pipeline import artifacts
-from tasks.infra.airflow_settings import run_folder_name
+from tasks.infra.settings import run_folder_name
 from tasks.pipeline.config import config_path
 from tests.e2e.airflow_api import dag_run, standalone, task_instances, trigger, unpause_when_parsed, wait_finished, wait_for
 from tests.e2e.browser import trigger_from_form

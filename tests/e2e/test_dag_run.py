@@ -19,7 +19,7 @@ MAPPED = {"finetune", "generate"}
 
 
 def run_dir_of(dag_run) -> Path:
-    from tasks.infra.airflow_settings import run_dir_for
+    from tasks.infra.settings import run_dir_for
 
     return run_dir_for(dag_run.run_id)
 

@@ -18,7 +18,7 @@ SMALL = {"num_examples": 24, "heldout_examples": 8, "eval_examples": 4, "heldout
 def run_dag(conf: dict, day: int):
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks.infra.airflow_settings import run_dir_for
+    from tasks.infra.settings import run_dir_for
 
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("gemma_lora_finetune")
     when = dt.datetime(2026, 4, day, 12, 0, tzinfo=dt.timezone.utc)
@@ -73,9 +73,9 @@ def test_multi_turn_chat_file_runs_through_the_dag_in_gemma_chat(chat_run):
     # Held-out prompts are the conversation so far, in the chat format; the answers keep those turns.
     for a, h in zip(answers["heldout"]["tuned"], held):
         assert h["prompt"].endswith("<start_of_turn>model\n") and h["prompt"].count("<start_of_turn>user") == 2
-        assert [t["role"] for t in a["history"]] == ["user", "assistant"] and a["reference"] == h["response"]
+        assert [t["role"] for t in a["earlier_turns"]] == ["user", "assistant"] and a["reference"] == h["response"]
     html = artifacts.report_path(run_dir).read_text()
-    assert "<code>gemma_chat</code>" in html and '<ol class="history">' in html
+    assert "<code>gemma_chat</code>" in html and '<ol class="earlier-turns">' in html
     assert "&lt;start_of_turn&gt;user" in html  # the rendered example, escaped
     export = artifacts.read_export_manifest(run_dir)
     if export:  # exported when the gate passed: the serving files carry the chat format

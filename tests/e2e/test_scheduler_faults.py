@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.pipeline import artifacts
-from tasks.infra.airflow_settings import run_folder_name
+from tasks.infra.settings import run_folder_name
 from tests.e2e.airflow_api import dag_run, task_instances
 from tests.e2e.conftest import KILLED, run_dir
 

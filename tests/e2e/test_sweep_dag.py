@@ -16,7 +16,7 @@ LOGICAL_DATE = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
 def run_dir_for(run_id: str) -> Path:
-    from tasks.infra.airflow_settings import run_dir_for as folder
+    from tasks.infra.settings import run_dir_for as folder
 
     return folder(run_id)
 

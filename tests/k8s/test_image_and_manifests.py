@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kubernetes.utils import parse_quantity
 
-from tasks.infra.k8s_pod import SETTINGS
+from tasks.infra.pod_settings import SETTINGS
 from tests.k8s.conftest import REPO
 from tests.k8s.fake_kube_api import Script
 from tests.k8s.test_pod_execute import TRAINING_LOG, run_pod_task

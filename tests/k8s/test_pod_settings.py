@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from tasks.infra.k8s_pod import SETTINGS, PodSettingError, gpu_stage_operator, pod_settings
+from tasks.infra.pod_operator import gpu_stage_operator
+from tasks.infra.pod_settings import SETTINGS, PodSettingError, pod_settings
 from tests.k8s.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -53,9 +54,11 @@ def test_environment_and_airflow_config(monkeypatch):
     assert op.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"} and op.tolerations == []
 
 
-def test_empty_values_turn_optional_items_off(monkeypatch):
-    monkeypatch.setenv("GEMMA_CPU_LIMIT", "")
-    monkeypatch.setenv("GEMMA_KAGGLE_SECRET", "")
+def test_none_turns_optional_items_off_and_an_empty_value_is_unset(monkeypatch):
+    monkeypatch.setenv("GEMMA_CPU_LIMIT", "none")
+    monkeypatch.setenv("GEMMA_KAGGLE_SECRET", "None")
+    monkeypatch.setenv("GEMMA_MEMORY_LIMIT", "")  # unset: the default
+    assert pod_settings().limits["memory"] == "32Gi"
     op = operator()
     assert "cpu" not in op.container_resources.limits and op.container_resources.requests["cpu"] == "4"
     assert op.secrets == []

@@ -63,7 +63,7 @@ def base_container(pod: V1Pod):
 
 @pytest.mark.parametrize("stage", GPU_STAGES)
 def test_gpu_stage_pod(k8s_dag_module, stage):
-    from tasks.infra.k8s_pod import SETTINGS
+    from tasks.infra.pod_settings import SETTINGS
 
     dag, module = k8s_dag_module
     _, pod = render_pod(dag, stage)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tasks.pipeline import artifacts
-from tasks.infra.airflow_settings import run_dir_for, run_folder_name, runs_dir
+from tasks.infra.settings import run_dir_for, run_folder_name, runs_dir
 
 pytestmark = pytest.mark.unit
 

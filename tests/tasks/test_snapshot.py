@@ -15,7 +15,7 @@ import pytest
 
 from tasks import snapshot
 from tasks.pipeline import artifacts, snapshot_store
-from tasks.infra.airflow_settings import run_dir_for
+from tasks.infra.settings import run_dir_for
 from tasks.pipeline.config import BUNDLED_DOLLY, load_config
 from tasks.text import records
 from tasks.pipeline.sources import SnapshotError

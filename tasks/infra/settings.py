@@ -1,8 +1,15 @@
-"""Settings the DAG and the UI plugin share: the `[gemma]` section of Airflow's config.
+"""The `[gemma]` settings, read in one place by the DAG, the UI plugin, the pods' settings
+(tasks.infra.pod_settings) and tracking, with one precedence:
 
-Each key is read from `[gemma] <key>` in airflow.cfg (or AIRFLOW__GEMMA__<KEY>), else from the
-environment as GEMMA_<KEY>, else its default. The DAG processor, the workers and the API server must
-see the same values, so keep them in airflow.cfg or in the environment of all three.
+1. `[gemma] <key>` in Airflow's config (airflow.cfg, or the env variable AIRFLOW__GEMMA__<KEY>);
+2. the env variable GEMMA_<KEY>;
+3. the key's default.
+
+An empty value is unset: it falls through to the next place. (Where an optional item has a default,
+the value `none` turns it off, e.g. a pod's `cpu_limit`.) Where Airflow is not installed (a bench
+script, a pod's image without it) only 2 and 3 apply. The DAG processor, the workers, the API server
+and the pods must see the same values: keep them in airflow.cfg or in the environment of all of
+them; the pods get theirs from the operator as env.
 """
 
 from __future__ import annotations
@@ -17,10 +24,27 @@ DAG_ID = "gemma_lora_finetune"
 _MAX_NAME = 200
 
 
-def setting(key: str, default: str) -> str:
-    from airflow.configuration import conf
+def read(key: str, default: str = "") -> tuple[str, str]:
+    """(value, where it came from) of `[gemma] <key>`, by the precedence above."""
+    value = _airflow_config(key)
+    if value:
+        return value, f"[gemma] {key}"
+    value = os.environ.get(f"GEMMA_{key.upper()}", "").strip()
+    if value:
+        return value, f"GEMMA_{key.upper()}"
+    return default, f"default of [gemma] {key}"
 
-    return conf.get("gemma", key, fallback=None) or os.environ.get(f"GEMMA_{key.upper()}") or default
+
+def setting(key: str, default: str = "") -> str:
+    return read(key, default)[0]
+
+
+def _airflow_config(key: str) -> str:
+    try:
+        from airflow.configuration import conf
+    except ImportError:
+        return ""
+    return (conf.get("gemma", key, fallback="") or "").strip()
 
 
 # [gemma] retries: what every task of a run gets, locally and in pods. A killed or preempted task

@@ -1,23 +1,20 @@
-"""The `kubernetes` runner: `finetune` and `generate` as KubernetesPodOperator tasks in a GPU pod.
-
-The pod runs the same `python -m tasks.<stage> --config ... --run-dir ... --set ...` argv as the local
-runner, on the training image (docker/), with the run root mounted from a PersistentVolumeClaim at
-the SAME path as on the workers, so the run directory in the argv means the same folder in both.
-
-Every pod setting is `[gemma] <key>` in Airflow's config (or AIRFLOW__GEMMA__<KEY>), else the env
-variable GEMMA_<KEY>, else the default in SETTINGS; an empty value turns an optional item off. They
-are read and checked when the DAG file is parsed: a wrong value is an import error of the DAG that
-names the setting. Only imported in kubernetes mode; imports nothing ML.
+"""The `kubernetes` runner's pod settings: what the GPU stages' pods get (image, resources, node
+placement, volume, Secrets, timeouts, the securityContext's ids), each `[gemma] <key>` read by
+tasks.infra.settings (Airflow config, then GEMMA_<KEY>, then the default in SETTINGS; an empty
+value is unset, `none` turns an optional item with a default off). They are read and checked when
+the DAG file is parsed: a wrong value is an import error of the DAG that names the setting. Imports
+nothing ML; the operator built from them is tasks.infra.pod_operator.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from tasks.infra.settings import read, run_root
 
 # key -> (default, what it is). The README's settings table is this dict.
 SETTINGS: dict[str, tuple[str, str]] = {
@@ -30,16 +27,16 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "gpu_count": ("1", "GPUs per pod; 0 only with allow_cpu"),
     "gpu_resource": ("nvidia.com/gpu", "extended resource name of the GPU"),
     "cpu_request": ("4", "CPU request"),
-    "cpu_limit": ("8", "CPU limit; empty: none"),
+    "cpu_limit": ("8", "CPU limit; none: no limit"),
     "memory_request": ("32Gi", "memory request"),
-    "memory_limit": ("32Gi", "memory limit; above it the container is OOMKilled; empty: none"),
+    "memory_limit": ("32Gi", "memory limit; above it the container is OOMKilled; none: no limit"),
     "node_selector": ("{}", "JSON object of node labels, e.g. {\"cloud.google.com/gke-accelerator\": \"nvidia-l4\"}"),
     "tolerations": (
         '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
         "JSON list of tolerations (the default tolerates the usual GPU-node taint)",
     ),
     "pvc": ("gemma-runs", "PersistentVolumeClaim mounted at the run root ([gemma] run_root)"),
-    "kaggle_secret": ("kaggle-credentials", "Secret with the Kaggle credentials; empty: no credentials"),
+    "kaggle_secret": ("kaggle-credentials", "Secret with the Kaggle credentials; none: no credentials"),
     "kaggle_username_key": ("username", "key in that Secret for KAGGLE_USERNAME"),
     "kaggle_key_key": ("key", "key in that Secret for KAGGLE_KEY"),
     "startup_timeout": ("900", "seconds a pod may take to be scheduled, and then to start (GPU node scale-up, image pull)"),
@@ -55,9 +52,6 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "fs_group": ("0", "group that owns the run-root volume (gid 0, like the official Airflow image)"),
 }
 
-POD_LABELS = {"app": "gemma-lora"}
-RUN_ROOT_VOLUME = "run-root"
-BASE_CONTAINER = "base"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
@@ -99,22 +93,13 @@ class PodSettings:
 
 
 def _raw(key: str) -> tuple[str, str]:
-    """(value, where it came from); None-checks, not truthiness, so that an explicit "" is kept."""
-    from airflow.configuration import conf
-
-    value = conf.get("gemma", key, fallback=None)
-    if value is not None:
-        return value.strip(), f"[gemma] {key}"
-    value = os.environ.get(f"GEMMA_{key.upper()}")
-    if value is not None:
-        return value.strip(), f"GEMMA_{key.upper()}"
-    return SETTINGS[key][0], f"default of [gemma] {key}"
+    """(value, where it came from), by tasks.infra.settings' precedence; `none` turns an optional item off."""
+    value, source = read(key, SETTINGS[key][0])
+    return ("" if value.lower() == "none" else value), source
 
 
 def _run_root_mount() -> str:
     """The workers' run root (the DAG's own `run_root()`), which the pod mounts at the same path."""
-    from tasks.infra.airflow_settings import run_root
-
     path = run_root()
     if not path.is_absolute():
         raise PodSettingError(f"[gemma] run_root / GEMMA_RUN_ROOT must be an absolute path to mount in the pod, not {str(path)!r}")
@@ -246,127 +231,3 @@ def pod_settings() -> PodSettings:
         run_as_user=whole("run_as_user", 1, 2**31 - 1),
         fs_group=whole("fs_group", 0, 2**31 - 1),
     )
-
-
-def _explain_failure_callback(settings: PodSettings):
-    """A provider callback that says, in the task log, why a stage's container died and what to change."""
-    from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
-
-    class ExplainFailure(KubernetesPodOperatorCallback):
-        @staticmethod
-        def on_pod_completion(*, pod, operator, **kwargs) -> None:
-            statuses = (pod.status.container_statuses if pod and pod.status else None) or []
-            base = next((s for s in statuses if s.name == BASE_CONTAINER), None)
-            ended = base.state.terminated if base and base.state else None
-            if not ended or ended.exit_code == 0:
-                return
-            where = f"pod {settings.namespace}/{pod.metadata.name}"
-            if ended.reason == "OOMKilled":
-                operator.log.error(
-                    "stage %s: container OOMKilled (exit code %s): it needed more than memory_limit=%s. "
-                    "Raise [gemma] memory_limit / GEMMA_MEMORY_LIMIT (and memory_request), or lower batch_size. %s",
-                    operator.task_id, ended.exit_code, settings.limits.get("memory", "none"), where,
-                )
-            else:
-                operator.log.error(
-                    "stage %s: container exited with code %s (reason %s); its last log lines are above. %s",
-                    operator.task_id, ended.exit_code, ended.reason, where,
-                )
-
-    return ExplainFailure
-
-
-def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt.timedelta,
-                       map_index_template: str | None = None, trigger_rule: str = "all_success"):
-    """The KubernetesPodOperator that runs `python -m tasks.<task_id> <arguments>` in a GPU pod.
-
-    In the DAG finetune and generate sit in the mapped `variant` group: one pod per sweep variant, at
-    most max_parallel_pods of them at a time, each taking a slot of `pool`; export runs once, after
-    them (the merge needs the model in memory)."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from airflow.providers.cncf.kubernetes.secret import Secret
-    from kubernetes.client import models as k8s
-
-    s = pod_settings()
-    execution_timeout = s.timeouts.get(task_id, execution_timeout)
-    env = {
-        "GEMMA_WRITE_XCOM": "1",  # the stage writes its result dict to /airflow/xcom/return.json
-        "GEMMA_REQUIRE_GPU": "1",
-        "GEMMA_ALLOW_CPU": "1" if s.allow_cpu else "0",
-        "PYTHONUNBUFFERED": "1",  # training progress reaches the task log as it happens
-        # Model downloads (gemma_2b_en is ~5 GB) are kept on the shared volume, not per pod.
-        "GEMMA_MODELS_DIR": f"{s.run_root}/cache/models",
-        "KAGGLEHUB_CACHE": f"{s.run_root}/cache/kagglehub",
-    }
-    if s.mlflow_tracking_uri:
-        env["GEMMA_MLFLOW_TRACKING_URI"] = s.mlflow_tracking_uri
-    secrets = []
-    if s.kaggle_secret:
-        # secretKeyRef: the values stay in the cluster, never in the DAG, a rendered template or a log.
-        secrets = [
-            Secret("env", "KAGGLE_USERNAME", s.kaggle_secret, s.kaggle_username_key),
-            Secret("env", "KAGGLE_KEY", s.kaggle_secret, s.kaggle_key_key),
-        ]
-    restricted = k8s.V1SecurityContext(
-        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])
-    )
-    return KubernetesPodOperator(
-        task_id=task_id,
-        name=f"gemma-{task_id}",
-        kubernetes_conn_id=s.conn_id,
-        namespace=s.namespace,
-        image=s.image,
-        image_pull_policy=s.image_pull_policy,
-        image_pull_secrets=[k8s.V1LocalObjectReference(name=s.image_pull_secret)] if s.image_pull_secret else None,
-        cmds=["python", "-m", f"tasks.{task_id}"],
-        arguments=list(arguments),
-        env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
-        secrets=secrets,
-        container_resources=k8s.V1ResourceRequirements(requests=dict(s.requests), limits=dict(s.limits)),
-        volumes=[
-            k8s.V1Volume(
-                name=RUN_ROOT_VOLUME,
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=s.pvc),
-            )
-        ],
-        volume_mounts=[k8s.V1VolumeMount(name=RUN_ROOT_VOLUME, mount_path=s.run_root)],
-        node_selector=dict(s.node_selector),
-        tolerations=[k8s.V1Toleration(**{_snake(k): v for k, v in t.items()}) for t in s.tolerations],
-        # The provider adds dag_id, task_id, run_id and try_number labels itself.
-        labels={**POD_LABELS, "stage": task_id},
-        service_account_name=s.service_account,
-        automount_service_account_token=False,
-        security_context=k8s.V1PodSecurityContext(
-            run_as_non_root=True,
-            run_as_user=s.run_as_user,
-            run_as_group=s.fs_group,
-            fs_group=s.fs_group,
-            # A large run root would otherwise be chown-ed file by file at every pod start.
-            fs_group_change_policy="OnRootMismatch",
-            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-        ),
-        container_security_context=restricted,
-        xcom_sidecar_container_security_context=restricted,
-        startup_timeout_seconds=s.startup_timeout,
-        schedule_timeout_seconds=s.startup_timeout,
-        execution_timeout=execution_timeout,
-        # If the worker dies, the pod must not hold its GPU forever.
-        active_deadline_seconds=int(execution_timeout.total_seconds()) + s.startup_timeout,
-        max_active_tis_per_dag=s.max_parallel_pods,
-        pool=s.pool,
-        map_index_template=map_index_template,
-        trigger_rule=trigger_rule,
-        on_finish_action=s.on_finish_action,
-        get_logs=True,
-        log_events_on_failure=True,
-        # The full spec dump would bury the reason; the spec is in the task's Rendered Template view.
-        log_pod_spec_on_failure=False,
-        # When the stage dies without a message, Kubernetes keeps its last log lines as the reason.
-        termination_message_policy="FallbackToLogsOnError",
-        do_xcom_push=True,
-        callbacks=[_explain_failure_callback(s)],
-    )
-
-
-def _snake(key: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
