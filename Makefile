@@ -18,7 +18,7 @@ export GEMMA_MODELS_DIR ?= $(CURDIR)/.cache/models
 export GEMMA_RUN_ROOT ?= $(CURDIR)/artifacts
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup browser demo test check ui chat mlflow clean
+.PHONY: setup parity browser demo test check ui chat mlflow clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ $(WHEELHOUSE)/.built:
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELHOUSE) \
 	  llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
+
+# `make parity`: the runtimes alone, so that the next `make demo` checks its Hugging Face and GGUF
+# exports in them (without them the report says those formats were written but not yet loaded).
+parity: $(VENV)/.parity
 
 $(VENV)/.parity: requirements-parity.lock $(VENV)/.installed $(WHEELHOUSE)/.built
 	$(VENV)/bin/uv pip install -q --compile-bytecode -p $(PY) --find-links $(WHEELHOUSE) -r requirements-parity.lock

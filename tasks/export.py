@@ -1,6 +1,6 @@
 """python -m tasks.export --config cpu_demo --run-dir DIR [--set export_formats=gguf] [--variant JSON]
 
-Stage 5: export the champion for serving, and prove each export answers as the model the report
+Stage 6 of 8: export the champion for serving, and prove each export answers as the model the report
 evaluated. The champion is the variant that passes the quality gate with the best held-out scores
 (what `promote` then promotes; the single fine-tune when there is no sweep); when none passes,
 nothing is exported. By hand, `--variant '{"name": "v1"}'` exports that variant whatever its gate.

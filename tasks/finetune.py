@@ -1,6 +1,6 @@
 """python -m tasks.finetune --config cpu_demo --run-dir DIR [--set lora_rank=8]
 
-Stage 3: LoRA fine-tune of a keras-hub Gemma causal LM on the preprocessed training examples, with
+Stage 4 of 8: LoRA fine-tune of a keras-hub Gemma causal LM on the preprocessed training examples, with
 the Keras tutorial's recipe run by the training engine (tasks.training.loop: `train_mode`, device, dtype,
 loss, optimizer). Progress is logged every `log_every_steps` steps; a checkpoint every
 `checkpoint_every_steps` lets a retried task resume where a killed one stopped. Writes

@@ -1,6 +1,6 @@
 """python -m tasks.generate --config cpu_demo --run-dir DIR [--set sampler=greedy]
 
-Stage 4: answer the fixed prompt suite, and the first `heldout_generate_examples` held-out
+Stage 5 of 8: answer the fixed prompt suite, and the first `heldout_generate_examples` held-out
 instructions (never trained on), with the base model and with the tuned model (the same base
 weights plus the LoRA adapter from `finetune`). Prompts are rendered in the run's `prompt_template`
 (tasks.text.prompt_template; a held-out prompt is its conversation up to the final answer, as preprocess
@@ -158,7 +158,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         adapter_file = artifacts.adapter_path(run_dir)
         heldout = [
             {"id": r["id"], "category": r["category"], "prompt": r["instruction"], "rendered": r["prompt"],
-             "history": r.get("history", []), "reference": r["response"]}
+             "earlier_turns": r.get("earlier_turns", []), "reference": r["response"]}
             for r in artifacts.read_heldout(run_dir)
         ][: cfg.heldout_generate_examples]
         prompts = suite["prompts"] + heldout
@@ -195,7 +195,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                                             "seconds": seconds["base"]})
         for model in ("base", "tuned"):
             for a, ref in zip(results[model]["heldout"], heldout):
-                a["reference"], a["history"] = ref["reference"], ref["history"]
+                a["reference"], a["earlier_turns"] = ref["reference"], ref["earlier_turns"]
         base, tuned = results["base"]["suite"], results["tuned"]["suite"]
         data = {
             "suite": {k: suite[k] for k in ("name", "description", "sha256", "path")},

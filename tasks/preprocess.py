@@ -1,6 +1,6 @@
 """python -m tasks.preprocess --config cpu_demo --run-dir DIR [--set num_examples=200]
 
-Stage 2: turn the snapshot into training and held-out examples. Drops rows that have a `context`
+Stage 2 of 8: turn the snapshot into training and held-out examples. Drops rows that have a `context`
 (the seed's choice; `drop_context: false` keeps them and puts the context into the prompt; empty
 instructions or responses and exact duplicates never get here: the snapshot drops and counts them
 as bad records), renders every conversation in the `prompt_template` (tasks.text.prompt_template: the
@@ -70,7 +70,7 @@ def rendered(records: list[dict], cfg: Config) -> list[dict]:
             "category": r["category"],
             "instruction": records_lib.instruction(r),
             "response": records_lib.response(r),
-            "history": records_lib.history(r),
+            "earlier_turns": records_lib.earlier_turns(r),
             "prompt": text[: spans[-1][0]],
             "text": text,
             "spans": spans,

@@ -1,9 +1,9 @@
 """python -m tasks.promote --config cpu_demo --run-dir DIR
 
-Stage 6: apply the quality gate's verdict (computed by `report`, stored in report/metrics.json; in
+Stage 8 of 8: apply the quality gate's verdict (computed by `report`, stored in report/metrics.json; in
 a sweep, for the best variant that passed).
 A passing run becomes the champion: `champion.json` beside the run folders names its adapter, run
-id and key metrics (the previous champion is kept in `champion_history.jsonl`). A failing run
+id and key metrics (the previous champion is kept in `champion_log.jsonl`). A failing run
 promotes nothing; in the DAG the `promote` task is then marked *skipped*, so the run's grid shows
 at a glance which runs did not pass, while the report of a failed gate stays readable.
 """
@@ -81,7 +81,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                                                            "tracking_uri")}
             path = champion_path(run_dir)
             if path.is_file():
-                with (path.parent / artifacts.CHAMPION_HISTORY).open("a", encoding="utf-8") as f:
+                with (path.parent / artifacts.CHAMPION_LOG).open("a", encoding="utf-8") as f:
                     f.write(path.read_text(encoding="utf-8").strip().replace("\n", " ") + "\n")
             storage.write_json(path, champion)
             log.info("promote: quality gate passed; %s is the champion adapter (%s)", champion["run_id"], path)

@@ -1,6 +1,6 @@
 """python -m tasks.report --config cpu_demo --run-dir DIR
 
-Stage 5: render `report/report.html`, one self-contained HTML file (inline CSS and SVG, no scripts
+Stage 7 of 8: render `report/report.html`, one self-contained HTML file (inline CSS and SVG, no scripts
 from elsewhere) that reads the run directory: run summary (config, dataset manifest, model, wall time
 per stage), held-out scores before and after tuning, the training curve, and every prompt of the
 suite with the base and the tuned answer side by side. Rendered with Jinja, autoescape on and
@@ -29,7 +29,7 @@ from tasks.pipeline.artifacts import REPORT as STAGE
 from tasks.infra.cli import stage_main
 from tasks.pipeline.config import Config, fingerprint, stage_keys
 from tasks.evaluate.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
-from tasks.evaluate.evaluation import history as evaluation_history
+from tasks.evaluate.evaluation import earlier_runs
 from tasks.text.prompt_template import instruction_prompt
 from tasks.pipeline.variants import run_plan, variant_config
 
@@ -178,7 +178,7 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
     finetune = artifacts.read_finetune_result(run_dir)
     heldout_rows = []
     for b, t, r in zip(answers["heldout"]["base"], answers["heldout"]["tuned"], evaluation["heldout"]["per_example"]):
-        heldout_rows.append({"id": b["id"], "category": b.get("category", ""), "history": b.get("history", []),
+        heldout_rows.append({"id": b["id"], "category": b.get("category", ""), "earlier_turns": b.get("earlier_turns", []),
                              "instruction": b["prompt"], "reference": b["reference"],
                              "base": b["text"], "tuned": t["text"], "rouge_l": r["rouge_l"]})
     card_list = cards(answers, evaluation)
@@ -195,7 +195,7 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
         "cards": card_list,
         "categories": sorted({c["category"] for c in card_list}),
         "heldout_rows": heldout_rows,
-        "history": evaluation_history(run_dir),
+        "earlier_runs": earlier_runs(run_dir),
         "stage_seconds": {s: done[s]["result"].get("seconds") for s in STAGES},
         "loss_chart": line_chart({"loss per step": [h["loss"] for h in history]}),
         "accuracy_chart": line_chart({"token accuracy (running)": [h["accuracy_running"] for h in history]}),
@@ -247,7 +247,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                           variants=[variant_summary(s) for s in result["states"]])
         storage.write_json(out / artifacts.METRICS, evaluation)
         context = gather(variant_config(cfg, shown), Path(shown["dir"]), evaluation)
-        context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, history=evaluation_history(run_dir),
+        context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, earlier_runs=earlier_runs(run_dir),
                        tracking=tracking.status(run_dir),
                        sweep=sweep_context(cfg, result) if plan[0]["name"] else None,
                        **export_context(run_dir, cfg.prompt_template))

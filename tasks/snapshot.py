@@ -1,6 +1,6 @@
 """python -m tasks.snapshot --config cpu_demo --run-dir DIR [--set dataset_source=PATH]
 
-Stage 1: take a snapshot of the dataset (Databricks Dolly 15k by default), from the Hugging Face hub
+Stage 1 of 8: take a snapshot of the dataset (Databricks Dolly 15k by default), from the Hugging Face hub
 at a pinned revision and split (through `datasets`), from a local .jsonl/.json/.parquet/.csv file,
 or from the Dolly sample bundled in tasks/data. Runs the preflight checks first. Reads the records in
 their `dataset_format` (dolly, alpaca, messages, columns, or auto) and normalizes each to the one

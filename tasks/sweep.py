@@ -1,6 +1,6 @@
 """python -m tasks.sweep --config cpu_demo --run-dir DIR [--set variants='[{"lora_rank": 8}]']
 
-Plans the run's LoRA variants from the config key `variants` (a list of overrides over
+Stage 3 of 8: plans the run's LoRA variants from the config key `variants` (a list of overrides over
 tasks.pipeline.config.VARIANT_KEYS) and writes `sweep/plan.json`. The DAG maps `finetune` and `generate` over
 this plan: variant i runs both stages with `--variant '<its spec as JSON>'`, which applies its overrides
 on top of the run's config and puts its outputs in `<run dir>/variants/v<i>/` (tasks.pipeline.variants).

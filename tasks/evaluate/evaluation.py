@@ -1,7 +1,7 @@
 """The run's quality numbers: metrics of every answer, per-model aggregates, deltas and the gate.
 
 Reads what `finetune` and `generate` wrote; used by the `report` stage, which stores the result as
-`report/metrics.json` (what `promote` and later runs' history sections read).
+`report/metrics.json` (what `promote` and later runs' "earlier runs" sections read).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def gate(cfg: Config, m: dict) -> dict:
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def history(run_dir: Path, limit: int = 20) -> list[dict]:
+def earlier_runs(run_dir: Path, limit: int = 20) -> list[dict]:
     """Key metrics of earlier runs beside this one (same run root), newest first."""
     rows = []
     for other in Path(run_dir).parent.iterdir():

@@ -47,7 +47,7 @@ REPORT_HTML = "report.html"  # report
 METRICS = "metrics.json"  # report: every metric and the gate's verdict
 DECISION = "decision.json"  # promote
 CHAMPION = "champion.json"  # beside the run folders: the promoted adapter
-CHAMPION_HISTORY = "champion_history.jsonl"  # beside it: every earlier champion
+CHAMPION_LOG = "champion_log.jsonl"  # beside it: every earlier champion
 SNAPSHOT_STORE = "snapshots"  # beside the run folders: <slug>/<snapshot id>/ and LATEST.json
 STORE_LATEST = "LATEST.json"
 
@@ -132,10 +132,6 @@ def read_export_manifest(run_dir: Path) -> dict | None:
 
 def read_metrics(run_dir: Path) -> dict:
     return storage.read_json(path(run_dir, REPORT, METRICS))
-
-
-def read_decision(run_dir: Path) -> dict:
-    return storage.read_json(path(run_dir, PROMOTE, DECISION))
 
 
 def read_error(run_dir: Path, stage: str) -> dict[str, Any] | None:

@@ -136,8 +136,8 @@ class Config:
     loss_tokens: str = key("all", "tokens in the loss: 'all' (the tutorial: prompt and response) or 'response'",
                            stages=(FINETUNE,), choices=("all", "response"), variant=True)
     # The same recipe, data, order of epochs and loss either way. "fast" scales the loss so it
-    # equals the tutorial's; XLA's per-width compilations cost more than they save on CPUs, hence
-    # one graph there. bench/README.md has the figures.
+    # equals the tutorial's. Which engine fast mode takes on a CPU is cpu_engine (one graph, or XLA
+    # as on a GPU, which cpu_demo uses); bench/README.md has the figures.
     train_mode: str = key(
         "tutorial",
         "tutorial: pad every example to sequence_length (the Keras tutorial); fast: length-bucketed batches, XLA on GPUs, bf16 where native (bench/README.md)",
@@ -233,7 +233,6 @@ RANGES: dict[str, tuple[float, float]] = {k: m["range"] for k, m in _META.items(
 # generation settings stay the run's, so every variant is compared on the same prompts and scores.
 VARIANT_KEYS = tuple(k for k, m in _META.items() if m["variant"])
 # Keys that change no stage's outputs, each with the reason.
-NO_OUTPUT_KEYS = {k: m["no_outputs"] for k, m in _META.items() if m["no_outputs"]}
 
 
 def stage_keys(stage: str) -> tuple[str, ...]:

@@ -87,7 +87,7 @@ def response(rec: dict) -> str:
     return rec["messages"][-1]["content"]
 
 
-def history(rec: dict) -> list[dict]:
+def earlier_turns(rec: dict) -> list[dict]:
     """The turns before the last user turn (empty for a single-turn record)."""
     return turns(rec)[:-2]
 

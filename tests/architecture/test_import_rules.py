@@ -132,3 +132,5 @@ def test_each_stage_is_a_command_with_its_own_name(stage):
     module = importlib.import_module(f"tasks.{stage}")
     assert module.STAGE == stage and callable(module.main) and callable(module.run)
     assert (module.__doc__ or "").startswith(f"python -m tasks.{stage} ")
+    # Its place in the chain, as its docstring numbers it.
+    assert f"\nStage {STAGES.index(stage) + 1} of {len(STAGES)}: " in module.__doc__

@@ -82,7 +82,7 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
                 if group == "heldout":
                     a["reference"] = HOSTILE[i - 1]
                     # Multi-turn: the turns so far, and a category, come from the data too.
-                    a["history"] = [{"role": "user", "content": HOSTILE[i - 2]}, {"role": "assistant", "content": HOSTILE[i - 3]}]
+                    a["earlier_turns"] = [{"role": "user", "content": HOSTILE[i - 2]}, {"role": "assistant", "content": HOSTILE[i - 3]}]
                     a["category"] = HOSTILE[i - 4]
     answers_path.write_text(json.dumps(answers))
     manifest_path = run_dir / "snapshot" / artifacts.MANIFEST
@@ -110,7 +110,7 @@ def test_untrusted_text_is_escaped(tiny_run, tmp_path):
     for h in HOSTILE:  # the reader sees the text as it was, literally
         assert h in text
     assert "{{ config" in text  # not evaluated as a template
-    assert 'id="rendered-example"' in html and html.count('<ol class="history">') >= len(HOSTILE)
+    assert 'id="rendered-example"' in html and html.count('<ol class="earlier-turns">') >= len(HOSTILE)
 
 
 def test_line_chart_handles_empty_and_flat_series():

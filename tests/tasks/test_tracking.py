@@ -131,3 +131,22 @@ def test_no_secret_reaches_mlflow(tiny_run, tmp_path, monkeypatch):
     for path in [tmp_path / "mlflow.db", *(tmp_path / "mlartifacts").rglob("*")]:
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_pending_file_written_before_the_library_moved_still_replays(tiny_run, tmp_path):
+    """Tracking files name the function to call again; one written when tracking was tasks/tracking.py
+    (kept in tests/tasks/data) still logs, and a file naming anything else is refused by name."""
+    run = copy_run(tiny_run, tmp_path, "before-the-move")
+    template = (Path(__file__).parent / "data" / "pending_report_before_the_move.json").read_text(encoding="utf-8")
+    state = json.loads(template.replace("{run_dir}", str(run)).replace("{run_key}", run.name).replace("{blocked}", str(tmp_path)))
+    (run / tracking.STATE_DIR).mkdir()
+    (run / tracking.STATE_DIR / "report.json").write_text(json.dumps(state), encoding="utf-8")
+    assert track.main(["--run-dir", str(run)]) == 0
+    assert tracking.status(run)["pending"] == []
+    r = only_run(client_for(run), "before-the-move")
+    assert "report.html" in {a.path for a in client_for(run).list_artifacts(r.info.run_id)}
+
+    state["call"]["fn"] = "replay"
+    (run / tracking.STATE_DIR / "report.json").write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(ValueError, match="'replay', which is not one of the functions a pending piece may call"):
+        tracking.replay(run)
