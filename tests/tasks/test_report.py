@@ -143,3 +143,28 @@ def test_verdict_box_gives_both_intervals_and_says_what_they_mean(tiny_run):
     allowed = {"better, significant at 95%", "worse, significant at 95%", "no significant change"}
     assert set(words) <= allowed
     assert m["significance"]["perplexity"] == metrics.significance(pci, higher_is_better=False)
+
+
+def test_formats_not_yet_loaded_elsewhere_read_as_written_not_as_failed(tiny_run):
+    """A first `make demo` has no parity runtimes: the report says the formats were written but not
+    yet loaded elsewhere, and how to check them, with no failure-coloured badge; a checked format
+    that differs is still a warning."""
+    cfg = load_config("tiny_test")
+    context = report.gather(cfg, tiny_run, artifacts.read_metrics(tiny_run))
+    missing = {"checked": False, "reason": "llama-cpp-python not installed (llama_cpp)"}
+    context.update(export={"variant": None, "base_preset": "tiny:gemma3", "merged_layers": 4, "merge_dtype": "float32",
+                           "formats": ["keras", "hf", "gguf"],
+                           "parity": {"keras": {"checked": True, "runtime": "keras-hub", "passed": True, "max_abs_logit_diff": 0.0},
+                                      "hf": {"checked": False, "reason": "transformers/torch not installed (torch)"},
+                                      "gguf-f16": missing, "gguf-q8_0": missing}},
+                   export_files=[], export_error=None)
+    use = report.render(context)
+    use = use[use.index('id="use"'):use.index('id="metrics"')]
+    assert "3 of 4 formats were written but not yet loaded elsewhere" in use and "<code>make parity</code>" in use
+    assert use.count('<span class="tag">not yet checked</span>') == 3 and 'class="tag warn"' not in use
+    assert '<span class="tag ok">same</span>' in use
+
+    context["export"]["parity"] = {"keras": {"checked": True, "runtime": "keras-hub", "passed": False, "max_abs_logit_diff": 0.5}}
+    use = report.render(context)
+    use = use[use.index('id="use"'):use.index('id="metrics"')]
+    assert "not yet loaded" not in use and '<span class="tag warn">differs</span>' in use
