@@ -232,7 +232,6 @@ RANGES: dict[str, tuple[float, float]] = {k: m["range"] for k, m in _META.items(
 # What a sweep variant may change: how the adapter is trained. The data, the base model and the
 # generation settings stay the run's, so every variant is compared on the same prompts and scores.
 VARIANT_KEYS = tuple(k for k, m in _META.items() if m["variant"])
-# Keys that change no stage's outputs, each with the reason.
 
 
 def stage_keys(stage: str) -> tuple[str, ...]:
@@ -457,3 +456,33 @@ def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
+
+def reference() -> str:
+    """docs/config-reference.md: every key of Config with its type, default, range or choices, the
+    stages whose outputs it changes (or why none), and whether a variant or the trigger form sets it.
+    `python -m tasks.pipeline.config > docs/config-reference.md` writes it; a test keeps it current."""
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    rows = []
+    for f in fields(Config):
+        m = f.metadata
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        allowed = (f"{m['range'][0]} to {m['range'][1]}" if m["range"]
+                   else ", ".join(f"`{c}`" for c in m["choices"]) if m["choices"] else "")
+        affects = ", ".join(f"`{st}`" for st in m["stages"]) or f"none: {m['no_outputs']}"
+        who = ", ".join(w for w, on in (("variant", m["variant"]), ("Param", m["param"])) if on)
+        rows.append(f"| `{f.name}` | {FIELD_TYPES[f.name].__name__} | `{cell(json.dumps(default))}` | {cell(allowed)} "
+                    f"| {cell(affects)} | {who} | {cell(m['help'])} |")
+    head = ["# Configuration reference", "",
+            "Generated from `Config` in `tasks/pipeline/config.py` (`python -m tasks.pipeline.config >",
+            "docs/config-reference.md`); `tests/architecture/test_config_keys.py` fails when this page is stale.",
+            "A config file (`tasks/configs/*.yaml`) sets any of these keys; `--set key=value` and the trigger",
+            "form's Params override them; a sweep variant may set those marked `variant`. \"Stages\" are the",
+            "stages whose input fingerprint holds the key: changing it reruns them.", "",
+            "| key | type | default | range or choices | stages | set by | meaning |", "|---|---|---|---|---|---|---|"]
+    return "\n".join(head + rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

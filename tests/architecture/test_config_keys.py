@@ -68,3 +68,14 @@ def test_ranges_choices_and_params_are_derived_from_the_fields():
         if name in config.CHOICES:
             assert spec["enum"] == list(config.CHOICES[name])
         assert spec["description"] == spec["description"].strip() and "<" not in spec["description"]
+
+
+def test_the_config_reference_page_is_current():
+    """docs/config-reference.md is generated from Config: regenerate it when a key changes
+    (`python -m tasks.pipeline.config > docs/config-reference.md`)."""
+    from pathlib import Path
+
+    from tasks.pipeline.config import reference
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
+    assert page.read_text(encoding="utf-8") == reference()
