@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -362,6 +363,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"config key '{key}' ({source}): expected {want.__name__}, got {type(value).__name__} {value!r}"
         )
+    if want is float and not math.isfinite(value):
+        # NaN passes every range comparison, and JSON from Airflow's `-c` may carry it.
+        raise ConfigError(f"config key '{key}' ({source}): {value!r} is not a finite number")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' ({source}): {value!r} is not one of {list(CHOICES[key])}")
     if key in RANGES:

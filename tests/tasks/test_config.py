@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -5,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import tasks
-from tasks.pipeline.config import Config, ConfigError, load_config, parse_overrides
+from tasks.pipeline.config import FIELD_TYPES, Config, ConfigError, load_config, parse_overrides
 
 pytestmark = pytest.mark.unit
 
@@ -110,3 +111,16 @@ def test_kaggle_preset_fails_fast_without_credentials(monkeypatch, tmp_path):
     with pytest.raises(ModelSourceError, match="not a keras-hub preset"):
         preflight("gemma_99b_en")
     assert attempts == []
+
+
+FLOAT_KEYS = [k for k, t in FIELD_TYPES.items() if t is float]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", float("nan"), json.loads("NaN"), json.loads("-Infinity")],
+                         ids=["nan", "NaN", "inf", "-inf", "float nan", "JSON NaN", "JSON -Infinity"])
+def test_nan_and_infinity_are_refused_for_every_float_key(key, value):
+    """NaN passes every range check (each comparison is False), and Airflow's `-c` parses JSON with
+    NaN and Infinity: every float key refuses them, naming the key."""
+    with pytest.raises(ConfigError, match=rf"config key '{key}' .*not a finite number"):
+        load_config("tiny_test", {key: value})
