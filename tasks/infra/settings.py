@@ -19,9 +19,15 @@ import os
 import re
 from pathlib import Path
 
+from tasks.pipeline.artifacts import CHAMPION, CHAMPION_LOG, SNAPSHOT_STORE
+
 DAG_ID = "gemma_lora_finetune"
 # Longest folder name kept as the run id itself (filesystems allow 255 bytes).
 _MAX_NAME = 200
+# What lives beside the run folders: a run id with one of these names gets the hashed form, or it
+# would be a folder in the champion's place or inside the snapshot store (compared without case,
+# for case-insensitive filesystems).
+RESERVED_NAMES = frozenset(n.lower() for n in (CHAMPION, CHAMPION_LOG, SNAPSHOT_STORE))
 
 
 def read(key: str, default: str = "") -> tuple[str, str]:
@@ -83,11 +89,13 @@ def run_root() -> Path:
 def run_folder_name(run_id: str) -> str:
     """The run's folder name: the run id when it is already a plain, portable name; otherwise the
     id with every other character replaced, plus `+` and a hash of the original id. So a folder name
-    is never `.` or `..`, never hidden, never holds a separator, stays under the 255-byte name limit,
+    is never `.` or `..`, never hidden, never the name of a shared file beside the run folders
+    (RESERVED_NAMES), never holds a separator, stays under the 255-byte name limit,
     and two run ids never share a folder (a plain name has no `+`, and the hash tells changed ones
     apart)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
-    if safe == run_id and run_id and not run_id.startswith(".") and len(run_id) <= _MAX_NAME:
+    if (safe == run_id and run_id and not run_id.startswith(".") and len(run_id) <= _MAX_NAME
+            and run_id.lower() not in RESERVED_NAMES):
         return run_id
     digest = hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{safe.lstrip('.')[:_MAX_NAME - 17]}+{digest}"

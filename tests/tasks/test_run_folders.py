@@ -58,3 +58,17 @@ def test_the_report_app_resolves_only_run_folders(tmp_path, monkeypatch):
     artifacts.report_path(legacy).write_text("an older run's report")
     assert app.report_file("manual__2026-11-27T04:29:00+00:00") == artifacts.report_path(legacy).resolve()
     assert os.path.commonpath([app.report_file("manual__2026-11-27T04:29:00+00:00"), tmp_path / "runs"]) == str(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("run_id", [artifacts.CHAMPION, artifacts.CHAMPION_LOG, artifacts.SNAPSHOT_STORE, "Snapshots", "CHAMPION.JSON"])
+def test_a_run_id_named_like_a_shared_file_gets_a_folder_of_its_own(run_id, tmp_path, monkeypatch):
+    """champion.json, the champion log and the snapshot store sit beside the run folders: a run named
+    like one of them must not become a folder in its place (every later promote would fail) or
+    inside the store."""
+    monkeypatch.setenv("GEMMA_RUN_ROOT", str(tmp_path))
+    name = run_folder_name(run_id)
+    assert name.lower() not in {artifacts.CHAMPION, artifacts.CHAMPION_LOG, artifacts.SNAPSHOT_STORE}
+    assert name.split("+")[0] == run_id and "+" in name  # the id, then the hash of it
+    run_dir = run_dir_for(run_id)
+    assert artifacts.champion_path(run_dir) == runs_dir() / artifacts.CHAMPION != run_dir
+    assert artifacts.snapshot_store(run_dir, "databricks/databricks-dolly-15k").parent != run_dir
