@@ -51,6 +51,10 @@ def parse_line(line: bytes, max_bytes: int) -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         return BadRecord("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        # A short line of nested brackets exhausts the parser's recursion: one bad record, not a
+        # crash that Airflow would retry.
+        return BadRecord("too_deep", "JSON nested deeper than the parser's recursion limit")
 
 
 def object_rows(rows: Iterable[object], max_bytes: int) -> Iterator[tuple[str, object]]:

@@ -41,6 +41,7 @@ BAD = {
     "empty_instruction": (rec(instruction="  \n"), ["'instruction'", "empty"]),
     "empty_response": (rec(response=""), ["'response'", "empty"]),
     "too_large": (rec(response="x" * 100_001), ["max_record_bytes"]),
+    "too_deep": (b"[" * 5_000 + b"]" * 5_000, ["nested deeper"]),  # 10 KB
     "duplicate": (None, ["same instruction, context and response as line 1"]),  # a copy of line 1
     "unknown_category": (rec(category="poetry"), ["'category'", "poetry"]),
 }
