@@ -45,6 +45,15 @@ def setting(key: str, default: str = "") -> str:
     return read(key, default)[0]
 
 
+_URI_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user and password of every URI in it replaced by `***` (a tracking server's
+    URI may carry them): what is shown, logged or written goes through this."""
+    return _URI_CREDENTIALS.sub(r"\1***@", text)
+
+
 def _airflow_config(key: str) -> str:
     try:
         from airflow.configuration import conf

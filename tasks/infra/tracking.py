@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.pipeline import artifacts, storage
-from tasks.infra.settings import DAG_ID, setting
+from tasks.infra.settings import DAG_ID, redact, setting
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -160,14 +160,14 @@ def log_piece(run_dir: Path, piece: str, fingerprint: str, body, call: dict) -> 
             body(client, fresh, top_run)
             client.set_tag(run.info.run_id, tag, fingerprint)
         state = {"status": "logged", "piece": piece, "key": key, "mlflow_run_id": run.info.run_id,
-                 "top_run_id": top_run.info.run_id, "experiment_id": exp_id, "tracking_uri": tracking_uri(run_dir),
+                 "top_run_id": top_run.info.run_id, "experiment_id": exp_id, "tracking_uri": redact(tracking_uri(run_dir)),
                  "fingerprint": fingerprint, "call": call, "at": time.time()}
     except Exception as e:  # noqa: BLE001 - tracking must never cost a training run
         log.warning("tracking: could not log %s to MLflow at %s (%s: %s); it is kept in %s, and "
-                    "`python -m tasks.track --run-dir %s` logs it later", piece, tracking_uri(run_dir), type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "", state_path, top)
+                    "`python -m tasks.track --run-dir %s` logs it later", piece, redact(tracking_uri(run_dir)), type(e).__name__,
+                    redact(str(e).splitlines()[0][:300]) if str(e) else "", state_path, top)
         state = {"status": "pending", "piece": piece, "key": key, "fingerprint": fingerprint,
-                 "error": f"{type(e).__name__}: {e}"[:1000], "tracking_uri": tracking_uri(run_dir), "call": call, "at": time.time()}
+                 "error": redact(f"{type(e).__name__}: {e}")[:1000], "tracking_uri": redact(tracking_uri(run_dir)), "call": call, "at": time.time()}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_json(state_path, state)
     return state
@@ -372,5 +372,5 @@ def status(run_dir: Path) -> dict:
     top = logged[0] if logged else None
     run_id = top["top_run_id"] if top else None
     link = f"{ui_url()}/#/experiments/{top['experiment_id']}/runs/{run_id}" if top and ui_url() else None
-    return {"tracking_uri": tracking_uri(run_dir), "experiment": EXPERIMENT, "run_id": run_id, "link": link,
+    return {"tracking_uri": redact(tracking_uri(run_dir)), "experiment": EXPERIMENT, "run_id": run_id, "link": link,
             "logged": len(logged), "pending": [{"piece": s["piece"], "key": s["key"], "error": s.get("error", "")} for s in pending]}

@@ -150,3 +150,27 @@ def test_a_pending_file_written_before_the_library_moved_still_replays(tiny_run,
     (run / tracking.STATE_DIR / "report.json").write_text(json.dumps(state), encoding="utf-8")
     with pytest.raises(ValueError, match="'replay', which is not one of the functions a pending piece may call"):
         tracking.replay(run)
+
+
+def test_credentials_in_the_tracking_uri_are_shown_nowhere(tiny_run, tmp_path, monkeypatch, caplog, capfd):
+    """A tracking server's URI may carry a user and password: the report, the tracking files and
+    the warnings show it with `***` in their place."""
+    from tasks.infra.settings import redact
+
+    assert redact("https://alice:pw@mlflow.example.com/x and postgresql://bob@db:5432/m") == \
+        "https://***@mlflow.example.com/x and postgresql://***@db:5432/m"
+    assert redact("sqlite:////srv/runs/mlflow.db") == "sqlite:////srv/runs/mlflow.db"
+    run = copy_run(tiny_run, tmp_path, "with-credentials")
+    monkeypatch.setenv("GEMMA_MLFLOW_TRACKING_URI", "http://alice:s3cr3t-pw@127.0.0.1:9/mlflow")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    cfg = load_config("tiny_test")
+    state = tracking.log_finetune(str(run), "fp-ft", cfg.to_dict())
+    assert state["status"] == "pending"
+    html = report.render(report.gather(cfg, run, artifacts.read_metrics(run)))
+    assert "http://***@127.0.0.1:9/mlflow" in html
+    written = "".join(p.read_text() for p in (run / tracking.STATE_DIR).glob("*.json"))
+    out, err = capfd.readouterr()
+    for where, text in (("status", json.dumps(tracking.status(run))), ("report", html), ("tracking files", written),
+                        ("log", caplog.text + out + err)):
+        assert "s3cr3t-pw" not in text and "alice" not in text, where
