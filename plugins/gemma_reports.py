@@ -4,17 +4,28 @@
   credentials (the UI's session cookie or a bearer token) and read access to the DAG's runs;
 - a "Quality report" tab on each DAG-run page (an external view) that shows that run's report;
 - a "Quality report" extra link on the `report` task instance.
+
+The report holds untrusted text (dataset records, model answers; escaped by Jinja) and is served on
+the API server's own origin, so it goes out with a strict Content-Security-Policy: sandboxed (an
+opaque origin: its script cannot use the session cookie), nothing loaded from anywhere, its own
+inline style and filter script allowed by their sha256 only; framed by the Airflow UI alone; never
+cached. Only a regular file at `<run root>/runs/<run folder>/report/report.html` is served: no
+symlink, nothing outside the run folders.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import re
+import stat
 from pathlib import Path
 
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse
 
 from tasks.infra.settings import DAG_ID, run_dir_for, runs_dir
 from tasks.pipeline.artifacts import report_path
@@ -42,18 +53,18 @@ def create_app() -> FastAPI:
             # Shown inside the run's tab while the run is still going or failed before `report`.
             return HTMLResponse(
                 "<!DOCTYPE html><meta charset='utf-8'><title>No report yet</title>"
-                "<p style='font:15px system-ui;margin:2em'>This run has no quality report yet: "
-                "the <code>report</code> task has not finished.</p>",
-                status_code=404,
+                "<p>This run has no quality report yet: the <code>report</code> task has not finished.</p>",
+                status_code=404, headers=security_headers(""),
             )
-        return FileResponse(path, media_type="text/html; charset=utf-8")
+        return HTMLResponse(path.read_text(encoding="utf-8"), headers=security_headers(path.read_text(encoding="utf-8")))
 
     return app
 
 
 def report_file(run_id: str) -> Path | None:
     """The run's report, or None when the id would lead anywhere but a run folder inside the run
-    root's runs/ (never trust a path built from a request, even after sanitizing)."""
+    root's runs/ (never trust a path built from a request, even after sanitizing), or when the
+    file there is not a regular file (a symlink planted in a run folder is not followed)."""
     runs = runs_dir().resolve()
     # Folders made before run ids were hashed when sanitized: the plain sanitized id.
     legacy = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
@@ -62,9 +73,28 @@ def report_file(run_id: str) -> Path | None:
         if resolved.parent != runs or resolved.name in ("", ".", ".."):
             continue
         path = report_path(resolved)
-        if path.is_file():
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) and path.resolve() == path and path.parent.parent == resolved:
             return path
     return None
+
+
+_INLINE = {"script": re.compile(r"<script>(.*?)</script>", re.S), "style": re.compile(r"<style>(.*?)</style>", re.S)}
+
+
+def security_headers(html: str) -> dict[str, str]:
+    """The headers a report goes out with; its inline <script> and <style> blocks by their sha256."""
+    def hashes(kind: str) -> str:
+        found = [base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() for body in _INLINE[kind].findall(html)]
+        return " ".join(f"'sha256-{h}'" for h in found) or "'none'"
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; img-src data:; "
+           "base-uri 'none'; form-action 'none'; frame-ancestors 'self'; sandbox allow-scripts")
+    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer"}
 
 
 def report_href(dag_id: str, run_id: str) -> str:

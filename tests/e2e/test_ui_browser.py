@@ -6,6 +6,7 @@ REST API) whose report tab is opened in headless Chromium (Debian's chromium + c
 from __future__ import annotations
 
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,14 @@ def test_report_needs_airflow_login(airflow_server, finished_run):
     assert status in (401, 403)
     status, body = call(f"{airflow_server['base']}/gemma-reports/runs/{DAG_ID}/{finished_run}", token=airflow_server["token"])
     assert status == 200 and "Quality gate" in body
+    # Served with its policy (the report tab test shows the page still works under it).
+    req = urllib.request.Request(f"{airflow_server['base']}/gemma-reports/runs/{DAG_ID}/{finished_run}",
+                                 headers={"Authorization": f"Bearer {airflow_server['token']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        headers = r.headers
+    assert "sandbox allow-scripts" in headers["Content-Security-Policy"] and "default-src 'none'" in headers["Content-Security-Policy"]
+    assert "script-src 'sha256-" in headers["Content-Security-Policy"] and "frame-ancestors 'self'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Cache-Control"] == "no-store"
 
 
 def test_a_run_id_cannot_reach_outside_the_run_folders(airflow_server, finished_run):

@@ -60,6 +60,44 @@ def test_the_report_app_resolves_only_run_folders(tmp_path, monkeypatch):
     assert os.path.commonpath([app.report_file("manual__2026-11-27T04:29:00+00:00"), tmp_path / "runs"]) == str(tmp_path / "runs")
 
 
+def test_the_report_app_serves_no_symlink(tmp_path, monkeypatch):
+    """A report.html (or report/ folder) inside a run folder that is a symlink is not served: the
+    app would otherwise read whatever it points at (/etc/hostname was)."""
+    monkeypatch.setenv("GEMMA_RUN_ROOT", str(tmp_path))
+    app = plugin()
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not a report")
+    linked_file, linked_dir = run_dir_for("linked-file"), run_dir_for("linked-dir")
+    artifacts.report_path(linked_file).parent.mkdir(parents=True)
+    artifacts.report_path(linked_file).symlink_to(secret)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / artifacts.REPORT_HTML).write_text("a report elsewhere")
+    linked_dir.mkdir(parents=True)
+    artifacts.report_path(linked_dir).parent.symlink_to(tmp_path / "elsewhere")
+    assert app.report_file("linked-file") is None and app.report_file("linked-dir") is None
+    real = run_dir_for("real")
+    artifacts.report_path(real).parent.mkdir(parents=True)
+    artifacts.report_path(real).write_text("the run's report")
+    assert app.report_file("real") == artifacts.report_path(real)
+
+
+def test_the_report_goes_out_with_a_strict_policy():
+    """Its own inline style and script are allowed by their sha256 and nothing else runs or loads;
+    the page is sandboxed, framed only by the Airflow UI, never sniffed or cached."""
+    import base64
+    import hashlib
+
+    app = plugin()
+    style, script = "body { color: red }", "document.title = 'x';"
+    headers = app.security_headers(f"<html><style>{style}</style><p>hi</p><script>{script}</script></html>")
+    digest = {k: base64.b64encode(hashlib.sha256(v.encode()).digest()).decode() for k, v in (("style", style), ("script", script))}
+    csp = dict(d.strip().split(" ", 1) for d in headers["Content-Security-Policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["frame-ancestors"] == "'self'" and csp["sandbox"] == "allow-scripts"
+    assert csp["script-src"] == f"'sha256-{digest['script']}'" and csp["style-src"] == f"'sha256-{digest['style']}'"
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Cache-Control"] == "no-store"
+    assert "'none'" == dict(d.strip().split(" ", 1) for d in app.security_headers("<p>no script</p>")["Content-Security-Policy"].split(";"))["script-src"]
+
+
 @pytest.mark.parametrize("run_id", [artifacts.CHAMPION, artifacts.CHAMPION_LOG, artifacts.SNAPSHOT_STORE, "Snapshots", "CHAMPION.JSON"])
 def test_a_run_id_named_like_a_shared_file_gets_a_folder_of_its_own(run_id, tmp_path, monkeypatch):
     """champion.json, the champion log and the snapshot store sit beside the run folders: a run named
