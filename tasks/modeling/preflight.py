@@ -1,8 +1,9 @@
 """Checks that take seconds and save hours: run by the first task, before any GPU pod is requested.
 
 A run that cannot finish (an unknown preset, Kaggle credentials missing for a Kaggle preset, a
-prompt suite that does not load, a sequence length the model cannot take) fails here with a message
-naming the setting, not hours later in a pod.
+prompt suite that does not load, a sequence length the model cannot take) or that plans more work
+than `[gemma] max_run_tokens` allows fails here with a message naming the setting, not hours later
+in a pod.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+from tasks.infra.settings import setting
 from tasks.pipeline.config import Config, ConfigError
+from tasks.pipeline.variants import plan_variants, variant_config
 
 log = logging.getLogger("gemma_pipeline")
 
@@ -32,6 +35,37 @@ def max_sequence_length(preset: str) -> int | None:
     return None
 
 
+# [gemma] max_run_tokens: the most token positions one run may plan (about 270x the seed's recipe,
+# ~370k); a deployment sets it for its GPU pool, since whoever may trigger the DAG chooses the Params.
+MAX_RUN_TOKENS_DEFAULT = "100000000"
+
+
+def planned_tokens(cfg: Config, suite_prompts: int) -> dict[str, int]:
+    """Token positions a run plans: training (per variant: epochs x examples x sequence length),
+    held-out scoring (base and tuned, per variant) and generation (the base once, each variant's
+    tuned model once, on the suite and the held-out prompts, up to max_length each)."""
+    variants = [variant_config(cfg, spec) for spec in plan_variants(cfg)]
+    training = sum(v.epochs * v.num_examples * v.sequence_length for v in variants)
+    scoring = sum(2 * v.eval_examples * v.sequence_length for v in variants)
+    generation = (suite_prompts + cfg.heldout_generate_examples) * cfg.max_length * (1 + len(variants))
+    return {"training": training, "scoring": scoring, "generation": generation,
+            "total": training + scoring + generation}
+
+
+def check_budget(cfg: Config, suite_prompts: int) -> dict[str, int]:
+    raw = setting("max_run_tokens", MAX_RUN_TOKENS_DEFAULT)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"[gemma] max_run_tokens / GEMMA_MAX_RUN_TOKENS must be a whole number above 0, not {raw!r}")
+    tokens = planned_tokens(cfg, suite_prompts)
+    if tokens["total"] > int(raw):
+        raise ConfigError(
+            f"this run plans {tokens['total']:,} tokens (training {tokens['training']:,}, held-out scoring "
+            f"{tokens['scoring']:,}, generation {tokens['generation']:,}), more than [gemma] max_run_tokens "
+            f"({int(raw):,}): lower epochs, num_examples, sequence_length or the number of variants, or ask for a "
+            "higher max_run_tokens")
+    return {**tokens, "max_run_tokens": int(raw)}
+
+
 def check(cfg: Config) -> dict:
     from tasks.modeling.presets import preflight as model_preflight
     from tasks.pipeline.prompt_suite import load_suite
@@ -43,5 +77,8 @@ def check(cfg: Config) -> dict:
         value = getattr(cfg, key)
         if limit is not None and value > limit:
             raise ConfigError(f"config key '{key}' ({value}) exceeds what model_preset {cfg.model_preset!r} takes ({limit})")
-    log.info("preflight: model %s, suite %s (%d prompts): ok", cfg.model_preset, suite["name"], len(suite["prompts"]))
-    return {"model_preset": cfg.model_preset, "prompt_suite": suite["name"], "max_sequence_length": limit}
+    budget = check_budget(cfg, len(suite["prompts"]))
+    log.info("preflight: model %s, suite %s (%d prompts), %s planned tokens of %s allowed: ok", cfg.model_preset,
+             suite["name"], len(suite["prompts"]), f"{budget['total']:,}", f"{budget['max_run_tokens']:,}")
+    return {"model_preset": cfg.model_preset, "prompt_suite": suite["name"], "max_sequence_length": limit,
+            "planned_tokens": budget}
