@@ -60,8 +60,9 @@ def templated_argv(stage: str, mapped: bool = True) -> list[str]:
     """The same argv as `argv_for(stage, spec)` (or `argv_for(stage)`), as Jinja templates that an
     operator renders at run time (the pod of a mapped instance gets its own variant's spec)."""
     skip = VARIANT_PARAMS if mapped else ()
-    # Lists render as JSON, as the local runner writes them.
-    overrides = {k: ("{{ params.%s | tojson }}" if isinstance(PARAMS[k].value, list) else "{{ params.%s }}") % k
+    # Lists and mappings render as JSON, as the local runner writes them (str() of a dict is Python's
+    # repr: its quotes and backslashes would arrive changed).
+    overrides = {k: ("{{ params.%s | tojson }}" if isinstance(PARAMS[k].value, (list, dict)) else "{{ params.%s }}") % k
                  for k in PARAMS if k not in skip}
     return stage_argv(stage, CONFIG, "{{ run_id | run_dir }}", overrides, SPEC_TEMPLATE if mapped else None)
 

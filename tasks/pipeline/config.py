@@ -273,7 +273,7 @@ def coerce_variants(value: Any, source: str) -> tuple[dict[str, Any], ...]:
     """The `variants` key: a list (or its JSON/YAML text) of override mappings over VARIANT_KEYS."""
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value) if value.strip() else []
+            value = parse_text(value) if value.strip() else []
         except yaml.YAMLError as e:
             raise ConfigError(f"config key 'variants' ({source}): not a JSON/YAML list: {e}") from e
     if value is None:
@@ -305,7 +305,7 @@ def coerce_formats(value: Any, source: str) -> tuple[str, ...]:
     if isinstance(value, str):
         text = value.strip()
         try:
-            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+            value = parse_text(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
         except yaml.YAMLError as e:
             raise ConfigError(f"config key 'export_formats' ({source}): not a list: {e}") from e
     if value is None:
@@ -323,7 +323,7 @@ def coerce_columns(value: Any, source: str) -> dict[str, str]:
     where = f"config key 'dataset_columns' ({source})"
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value) if value.strip() else {}
+            value = parse_text(value) if value.strip() else {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: not a JSON/YAML mapping: {e}") from e
     if value is None:
@@ -337,6 +337,16 @@ def coerce_columns(value: Any, source: str) -> dict[str, str]:
     return dict(sorted(value.items()))
 
 
+def parse_text(text: str) -> Any:
+    """A value given as text (`--set k=v`, a pod's argv): JSON first, as the DAG renders every list and
+    mapping, so a quote, a backslash or U+2028 arrives as the worker validated it; else a YAML
+    scalar or flow collection, as a person types it ("5e-5", "true", [a, b])."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     if key == "variants":
         return coerce_variants(value, source)
@@ -348,7 +358,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if isinstance(value, str) and want is not str:
         # Values from `--set k=v` arrive as text: read them as YAML scalars ("5e-5", "true").
         try:
-            value = yaml.safe_load(value) if value.strip() else value
+            value = parse_text(value) if value.strip() else value
         except yaml.YAMLError:
             pass
         if isinstance(value, str) and want is float:

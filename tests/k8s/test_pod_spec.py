@@ -177,6 +177,34 @@ def test_the_stage_cli_accepts_the_rendered_argv(k8s_dag_module, stage):
     assert json.loads(args.variant) == {"index": 0, "name": "", "label": "as configured", "overrides": {}}
 
 
+AWKWARD = 'it\'s "quoted", a \\ backslash, {braces}, a line\u2028separator and \u00e9'
+
+
+@pytest.mark.parametrize("stage", GPU_STAGES)
+def test_awkward_text_arrives_in_the_pod_as_the_worker_validated_it(k8s_dag_module, stage):
+    """Quotes, a backslash and U+2028 in a string Param and in a mapping Param: the pod's argv parses
+    to the config the worker validated, and to what the local runner's argv parses to."""
+    import argparse
+
+    from tasks.pipeline.config import load_config, parse_overrides
+
+    dag, module = k8s_dag_module
+    columns = {"instruction": AWKWARD, "response": "answer " + AWKWARD}
+    conf = {**TRIGGER_CONF, "dataset_format": "columns", "dataset_columns": columns, "dataset_split": AWKWARD}
+    _, pod = render_pod(dag, stage, RUN_ID, conf)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config"), ap.add_argument("--run-dir"), ap.add_argument("--set", action="append")
+    ap.add_argument("--variant")
+    in_pod = load_config(ap.parse_args(base_container(pod).args).config, parse_overrides(ap.parse_args(base_container(pod).args).set))
+    ctx = task_context(dag, dag.get_task(stage), RUN_ID, conf)
+    on_worker = load_config("gemma_2b_lora", {k: v for k, v in ctx["params"].items() if k in module.PARAMS})
+    local = local_argv(module, stage, RUN_ID, ctx["params"], ctx["ti"].upstream["sweep"][0])
+    locally = load_config(ap.parse_args(local).config, parse_overrides(ap.parse_args(local).set))
+    assert in_pod.dataset_columns == on_worker.dataset_columns == locally.dataset_columns == columns
+    assert in_pod.dataset_split == on_worker.dataset_split == locally.dataset_split == AWKWARD
+    assert in_pod == on_worker == locally
+
+
 SWEEP_CONF = {**TRIGGER_CONF, "variants": [{"lora_rank": 4}, {"lora_rank": 16, "learning_rate": 0.0002}, {}]}
 
 
