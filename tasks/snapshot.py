@@ -42,7 +42,10 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     kind, path = sources.source_of(cfg)
     # A local file is identified by its bytes; a hub snapshot by the pinned revision.
     ident = storage.sha256_file(path) if path else f"{cfg.dataset_hub_id}@{cfg.dataset_revision}"
-    store = artifacts.snapshot_store(run_dir, cfg.dataset_hub_id)
+    # Only the configured dataset (hub or the bundled sample) moves the dataset's latest snapshot and
+    # its Asset; any other file has a store of its own.
+    store = artifacts.snapshot_store(run_dir, cfg.dataset_hub_id, path if kind == "file" else None)
+    asset = None if kind == "file" else artifacts.asset_uri(cfg.dataset_hub_id)
 
     def body(out: Path) -> dict:
         if kind == "hub":
@@ -73,6 +76,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "rows_with_system": sum(1 for r in records if records_lib.system(r)),
             "validation": validation,
             "preflight": checked,
+            "asset_uri": asset,
         }
         # The store last: everything before can fail without touching what other runs read.
         manifest.update(refresh_store(store, out / artifacts.RECORDS, records, manifest, run_dir), store=str(store))
@@ -80,7 +84,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         log.info(
             "snapshot: %d records, sha256 %s, categories %s", len(records), manifest["sha256"][:16], manifest["category_counts"]
         )
-        result = {k: manifest[k] for k in ("dataset", "source", "revision", "row_count", "sha256", "changed", "snapshot_id")}
+        result = {k: manifest[k] for k in ("dataset", "source", "revision", "row_count", "sha256", "changed", "snapshot_id",
+                                           "asset_uri")}
         return dict(result, rows_bad=validation["rows_bad"], **{k: v for k, v in manifest["changes"].items() if k != "examples"})
 
     fp = fingerprint(STAGE, kind, ident, cfg.subset(CONFIG_KEYS))

@@ -18,6 +18,7 @@ an artifact through the names and readers here, never through a string of their 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,17 @@ def asset_uri(hub_id: str) -> str:
     return f"gemma://snapshots/{dataset_slug(hub_id)}"
 
 
-def snapshot_store(run_dir: Path, hub_id: str) -> Path:
-    # Run folders live in <run root>/runs/<run id>, so this is <run root>/runs/snapshots/<slug>;
-    # the report's history scan skips folders without report/_SUCCESS, so it ignores this one.
-    return Path(run_dir).resolve().parent / SNAPSHOT_STORE / dataset_slug(hub_id)
+def snapshot_store(run_dir: Path, hub_id: str, source_file: Path | None = None) -> Path:
+    """The store a snapshot is published in, keyed by what was read: the configured dataset's
+    (`<slug of hub_id>`) for the hub and the bundled sample, and one of its own for any other file
+    (`file--<its name>--<hash of its resolved path>`), so a file never becomes the dataset's latest.
+    Run folders live in <run root>/runs/<run id>, so this is <run root>/runs/snapshots/<name>; the
+    report's scan of earlier runs skips folders without report/_SUCCESS, so it ignores this one."""
+    name = dataset_slug(hub_id)
+    if source_file is not None:
+        resolved = str(Path(source_file).resolve())
+        name = f"file--{dataset_slug(Path(resolved).name)}--{hashlib.sha256(resolved.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+    return Path(run_dir).resolve().parent / SNAPSHOT_STORE / name
 
 
 # -- readers: one per artifact that another stage, the report, bench or a test reads ---------------

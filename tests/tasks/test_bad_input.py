@@ -142,15 +142,16 @@ def test_share_threshold_names_the_share_and_counts_by_reason(tmp_path):
 
 def test_a_failing_snapshot_loses_nothing_already_written(tmp_path):
     runs = tmp_path / "runs"
-    store = runs / "snapshots" / artifacts.dataset_slug(load_config("tiny_test").dataset_hub_id)
-    good = write_source(tmp_path / "good.jsonl", good_lines(50), [], every=1)
+    data = tmp_path / "data.jsonl"  # one source file, good, then broken upstream: one store
+    store = artifacts.snapshot_store(runs / "r1", load_config("tiny_test").dataset_hub_id, data)
+    good = write_source(data, good_lines(50), [], every=1)
     first = snapshot.run(cfg_for(good), runs / "r1")
     before_run = {p.name: p.read_bytes() for p in (runs / "r1" / "snapshot").iterdir()}
     before_store = {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("*") if p.is_file()}
 
-    broken = write_source(tmp_path / "broken.jsonl", good_lines(60), [BAD["malformed_json"][0]] * 10, every=5)
+    broken = write_source(data, good_lines(60), [BAD["malformed_json"][0]] * 10, every=5)
     for policy in ("skip", "fail"):  # over max_bad_share / at the first bad line
-        with pytest.raises(SnapshotError, match="broken.jsonl"):
+        with pytest.raises(SnapshotError, match="data.jsonl"):
             snapshot.run(cfg_for(broken, bad_record_policy=policy), runs / "r1")  # the same run folder again
         with pytest.raises(SnapshotError):
             snapshot.run(cfg_for(broken, bad_record_policy=policy), runs / "r2")  # a new run
@@ -160,6 +161,7 @@ def test_a_failing_snapshot_loses_nothing_already_written(tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == ["r1", "r2", "snapshots"]
     assert list((runs / "r2").iterdir()) == []  # no partial files, not even hidden ones
     assert [p.name for p in (runs / "r1").iterdir()] == ["snapshot"]
+    good = write_source(data, good_lines(50), [], every=1)  # the good content back upstream
     assert snapshot.run(cfg_for(good), runs / "r1") == first  # still complete: a rerun does nothing
 
 

@@ -193,8 +193,9 @@ def dolly_second_revision(dolly_full, tmp_path_factory) -> tuple[Path, collectio
     return path, relations
 
 
-def store_of(runs: Path) -> Path:
-    return runs / "snapshots" / artifacts.dataset_slug(load_config("tiny_test").dataset_hub_id)
+def store_of(runs: Path, source: Path | None = None) -> Path:
+    """The store a snapshot of `source` (a file; None: the configured dataset) is published in."""
+    return artifacts.snapshot_store(runs / "any", load_config("tiny_test").dataset_hub_id, source)
 
 
 def published(store: Path) -> list[str]:
@@ -213,9 +214,15 @@ def ids_of(path: Path) -> dict[str, dict]:
 def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, dolly_full, dolly_second_revision):
     revision2, relations = dolly_second_revision
     runs = tmp_path / "runs"  # run folders live in <run root>/runs/<run id>
-    store = store_of(runs)
+    # One file whose content changes upstream: a store is keyed by the file that was read.
+    dolly = tmp_path / "dolly.jsonl"
+    store = store_of(runs, dolly)
 
-    first = snapshot.run(cfg_for(dolly_full), runs / "r1")
+    def upstream(revision: Path) -> Path:
+        shutil.copyfile(revision, dolly)
+        return dolly
+
+    first = snapshot.run(cfg_for(upstream(dolly_full)), runs / "r1")
     assert first["changed"] and (first["rows_added"], first["rows_removed"], first["rows_changed"]) == (14996, 0, 0)
     assert manifest_of(runs / "r1")["previous_snapshot_id"] is None
     assert published(store) == [first["snapshot_id"]]
@@ -223,7 +230,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     latest_stamp = (store / "LATEST.json").stat().st_mtime_ns
 
     # The same content again: reused, nothing published, LATEST.json untouched.
-    second = snapshot.run(cfg_for(dolly_full), runs / "r2")
+    second = snapshot.run(cfg_for(dolly), runs / "r2")
     m2 = manifest_of(runs / "r2")
     assert second["changed"] is False and m2["changed"] is False
     assert m2["snapshot_id"] == m2["previous_snapshot_id"] == first["snapshot_id"]
@@ -233,7 +240,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     assert (runs / "r2" / "snapshot" / artifacts.RECORDS).read_bytes() == (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes()
 
     # The April 2023 texts: what the old revision's README implies.
-    third = snapshot.run(cfg_for(revision2), runs / "r3")
+    third = snapshot.run(cfg_for(upstream(revision2)), runs / "r3")
     m3 = manifest_of(runs / "r3")
     expect_changed = relations["same_after_removing_refs_and_whitespace"] + relations["same_instruction_revised_context_or_response"]
     assert (relations["same_after_removing_refs_and_whitespace"], relations["same_instruction_revised_context_or_response"],
@@ -255,7 +262,7 @@ def test_refresh_reuses_unchanged_and_diffs_the_real_old_revision(tmp_path, doll
     assert records.response(after[added]) == records.instruction(after[added])
 
     # Back to the current texts: content seen before, so its folder is reused, yet it is a change.
-    fourth = snapshot.run(cfg_for(dolly_full), runs / "r4")
+    fourth = snapshot.run(cfg_for(upstream(dolly_full)), runs / "r4")
     assert fourth["changed"] and fourth["snapshot_id"] == first["snapshot_id"]
     assert (fourth["rows_changed"], fourth["rows_added"], fourth["rows_removed"]) == (2603, 0, 1)
     assert published(store) == sorted([first["snapshot_id"], third["snapshot_id"]])
@@ -282,12 +289,15 @@ def test_a_damaged_snapshot_in_the_store_is_never_reused(tmp_path, caplog, damag
     named, and published again from the source, both as the latest (same content: still unchanged)
     and as content seen before (A -> B -> A)."""
     lines = BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text("".join(lines[:30]))
-    b.write_text("".join(lines[:31]))
+    src = tmp_path / "d.jsonl"
+
+    def content(n: int) -> Path:  # the file's content upstream: its first n lines
+        src.write_text("".join(lines[:n]))
+        return src
+
     runs = tmp_path / "runs"
-    store = store_of(runs)
-    first = snapshot.run(cfg_for(a), runs / "r1")
+    store = store_of(runs, src)
+    first = snapshot.run(cfg_for(content(30)), runs / "r1")
     good = (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes()
 
     def spoil():
@@ -296,16 +306,16 @@ def test_a_damaged_snapshot_in_the_store_is_never_reused(tmp_path, caplog, damag
 
     spoil()
     with caplog.at_level("WARNING", logger="gemma_pipeline"):
-        again = snapshot.run(cfg_for(a), runs / "r2")
+        again = snapshot.run(cfg_for(src), runs / "r2")
     assert f"latest snapshot {first['snapshot_id']} is not reused: its records.jsonl no longer matches" in caplog.text
     assert again["changed"] is False and again["snapshot_id"] == first["snapshot_id"]
     assert (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes() == good
 
-    snapshot.run(cfg_for(b), runs / "r3")
+    snapshot.run(cfg_for(content(31)), runs / "r3")
     spoil()
     caplog.clear()
     with caplog.at_level("WARNING", logger="gemma_pipeline"):
-        back = snapshot.run(cfg_for(a), runs / "r4")
+        back = snapshot.run(cfg_for(content(30)), runs / "r4")
     assert f"replacing {store / first['snapshot_id']} in the store: its records.jsonl no longer matches" in caplog.text
     assert back["changed"] and back["snapshot_id"] == first["snapshot_id"] and back["rows_removed"] == 1
     assert (store / first["snapshot_id"] / artifacts.RECORDS).read_bytes() == good
@@ -315,7 +325,9 @@ def test_a_damaged_snapshot_in_the_store_is_never_reused(tmp_path, caplog, damag
 def test_manifest_records_preflight_and_validation(tmp_path):
     snapshot.run(load_config("tiny_test"), tmp_path / "runs" / "r1")
     m = manifest_of(tmp_path / "runs" / "r1")
-    assert m["preflight"] == {"model_preset": "tiny:gemma", "prompt_suite": "v1", "max_sequence_length": 8192}
+    assert {k: v for k, v in m["preflight"].items() if k != "planned_tokens"} == {
+        "model_preset": "tiny:gemma", "prompt_suite": "v1", "max_sequence_length": 8192}
+    assert m["preflight"]["planned_tokens"]["total"] == 6336 and m["asset_uri"] == artifacts.asset_uri(m["dataset"])
     v = m["validation"]
     assert (v["policy"], v["rows_read"], v["rows_bad"], v["bad_by_reason"]) == ("skip", 1700, 0, {})
 
@@ -324,7 +336,7 @@ def test_manifest_records_preflight_and_validation(tmp_path):
 @pytest.mark.parametrize("phase", ["run folder", "store"])
 def test_killed_while_writing_leaves_nothing_half_written(tmp_path, dolly_full, phase):
     runs = tmp_path / "runs"
-    run_dir, store = runs / "r1", store_of(runs)
+    run_dir, store = runs / "r1", store_of(runs, dolly_full)
     argv = [sys.executable, "-m", "tasks.snapshot", "--config", "tiny_test", "--run-dir", str(run_dir),
             "--set", f"dataset_source={dolly_full}"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -349,20 +361,20 @@ def test_killed_while_writing_leaves_nothing_half_written(tmp_path, dolly_full, 
 
 
 @pytest.mark.e2e
-def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path):
+def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path, monkeypatch):
+    """The configured dataset's Asset gets an event when its latest snapshot changed, none when it
+    did not, and none for a run that read a file of its own (that has a store of its own)."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
 
+    # A run root of its own, so the first snapshot of the configured (bundled) data is a change.
+    monkeypatch.setenv("GEMMA_RUN_ROOT", str(tmp_path / "root"))
     dag = DagBag(dag_folder=str(REPO / "dags" / "gemma_lora_finetune.py")).get_dag("gemma_lora_finetune")
-    # Content no other test uses, so the first run is a change whatever the shared store holds.
-    src = tmp_path / "d.jsonl"
-    unique = {"instruction": f"Which test wrote {tmp_path.name}?", "context": "", "response": "This one.", "category": "open_qa"}
-    src.write_text("".join(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:40]) + json.dumps(unique) + "\n")
 
-    def trigger() -> tuple[dict, list]:
+    def trigger(conf: dict | None = None) -> tuple[dict, list]:
         # Only snapshot and snapshot_changed run; the later stages are marked done.
-        run = dag.test(run_conf={"dataset_source": str(src)}, mark_success_pattern="preprocess|finetune|generate|report|promote")
+        run = dag.test(run_conf=conf or {}, mark_success_pattern="preprocess|finetune|generate|report|promote")
         states = {ti.task_id: ti.state for ti in run.get_task_instances()}
         with create_session() as session:
             events = [
@@ -376,15 +388,38 @@ def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path):
     states, events, run_id = trigger()
     assert states["snapshot"] == "success" and states["snapshot_changed"] == "success"
     manifest = manifest_of(run_dir_for(run_id))
-    assert manifest["changed"] is True
+    assert manifest["changed"] is True and manifest["source_kind"] == "bundled"
     assert events == [(
         artifacts.asset_uri(manifest["dataset"]), "snapshot_changed",
-        {"sha256": manifest["sha256"], "row_count": 41, "revision": manifest["revision"], "snapshot_id": manifest["snapshot_id"],
-         "rows_added": manifest["changes"]["rows_added"], "rows_removed": manifest["changes"]["rows_removed"],
-         "rows_changed": manifest["changes"]["rows_changed"]},
+        {"sha256": manifest["sha256"], "row_count": manifest["row_count"], "revision": manifest["revision"],
+         "snapshot_id": manifest["snapshot_id"], "rows_added": manifest["changes"]["rows_added"],
+         "rows_removed": manifest["changes"]["rows_removed"], "rows_changed": manifest["changes"]["rows_changed"]},
     )]
 
     states, events, run_id = trigger()  # the same content again
     assert states["snapshot"] == "success" and states["snapshot_changed"] == "skipped"
     assert manifest_of(run_dir_for(run_id))["changed"] is False
     assert events == []
+
+    src = tmp_path / "d.jsonl"  # a file of the trigger's own: new content, yet no event for the dataset
+    src.write_text("".join(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
+    states, events, run_id = trigger({"dataset_source": str(src)})
+    assert states["snapshot"] == "success" and states["snapshot_changed"] == "skipped"
+    assert manifest_of(run_dir_for(run_id))["changed"] is True and events == []
+
+
+@pytest.mark.unit
+def test_a_file_snapshot_never_moves_the_configured_datasets_latest(tmp_path):
+    """A trigger that points dataset_source at a file gets a store of its own: the configured
+    dataset's latest snapshot (and so its Asset) only moves for the hub or the bundled sample."""
+    runs = tmp_path / "runs"
+    configured = snapshot.run(load_config("tiny_test"), runs / "r1")  # tiny_test reads the bundled sample
+    latest = (store_of(runs) / "LATEST.json").read_bytes()
+    assert configured["asset_uri"] == artifacts.asset_uri(load_config("tiny_test").dataset_hub_id)
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:20]))
+    mine = snapshot.run(cfg_for(own), runs / "r2")
+    assert mine["changed"] and mine["asset_uri"] is None
+    assert (store_of(runs) / "LATEST.json").read_bytes() == latest
+    assert json.loads((store_of(runs, own) / "LATEST.json").read_text())["snapshot_id"] == mine["snapshot_id"]
+    assert store_of(runs, own).name.startswith("file--mine.jsonl--") and store_of(runs, own).parent == store_of(runs).parent
