@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from pathlib import Path
 
 from tasks.infra.cli import stage_main
+from tasks.infra.settings import data_roots, hub_datasets
 from tasks.modeling import preflight
 from tasks.pipeline import artifacts, sources, storage
 from tasks.pipeline.artifacts import SNAPSHOT as STAGE
@@ -40,6 +42,12 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     # They run on every attempt, also when the snapshot itself is already done.
     checked = preflight.check(cfg)
     kind, path = sources.source_of(cfg)
+    # Where a run may read from, checked before a byte is read: a file inside [gemma] data_roots
+    # (whoever may trigger the DAG chooses dataset_source), a hub dataset in [gemma] hub_datasets.
+    file_check = sources.check_file(Path(cfg.dataset_source), data_roots()) if kind == "file" else None
+    if kind == "hub" and cfg.dataset_hub_id not in hub_datasets():
+        raise sources.SnapshotError(f"dataset_hub_id {cfg.dataset_hub_id!r} is not one of the hub datasets this deployment "
+                                    f"allows ([gemma] hub_datasets / GEMMA_HUB_DATASETS: {', '.join(hub_datasets())})")
     # A local file is identified by its bytes; a hub snapshot by the pinned revision.
     ident = storage.sha256_file(path) if path else f"{cfg.dataset_hub_id}@{cfg.dataset_revision}"
     # Only the configured dataset (hub or the bundled sample) moves the dataset's latest snapshot and
@@ -53,7 +61,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             source = f"hf://datasets/{cfg.dataset_hub_id}"
         else:
             log.info("snapshot: reading %s", path)
-            records, validation = sources.read_local(path, cfg)
+            records, validation = sources.read_local(path, cfg, file_check[1] if file_check else os.stat(path))
             revision = f"file-sha256:{ident[:16]}"
             source = str(path)
         if not records:

@@ -36,6 +36,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The full Dolly 15k for tests and benchmarks; product code never names this path.
 DOLLY_FULL = Path(os.environ.get("DOLLY_FULL_JSONL", REPO.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl"))
 DOLLY_OLDREV = DOLLY_FULL.parent.parent / "dolly-oldrev" / "dolly-15k-april2023-variants.jsonl"
+# Tests read datasets from their temp folders and the shared data: those are the data roots here.
+os.environ["GEMMA_DATA_ROOTS"] = os.pathsep.join([str(REPO / "tasks" / "data"), tempfile.gettempdir(),
+                                                  str(DOLLY_FULL.parent.parent)])
 
 
 # Every test carries exactly one of these (pyproject.toml describes them; tests/README.md has the

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from tasks.pipeline.artifacts import CHAMPION, CHAMPION_LOG, SNAPSHOT_STORE
+from tasks.pipeline.config import BUNDLED_DOLLY, Config
 
 DAG_ID = "gemma_lora_finetune"
 # Longest folder name kept as the run id itself (filesystems allow 255 bytes).
@@ -108,6 +109,20 @@ def run_folder_name(run_id: str) -> str:
         return run_id
     digest = hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{safe.lstrip('.')[:_MAX_NAME - 17]}+{digest}"
+
+
+def data_roots() -> list[Path]:
+    """[gemma] data_roots: the folders a `dataset_source` file may lie in (os.pathsep-separated,
+    like PATH); by default the bundled data and `<run root>/data`. A deployment adds the volume its
+    datasets are mounted on; the worker's own files (credentials, the Airflow home, logs) stay out."""
+    default = os.pathsep.join([str(BUNDLED_DOLLY.parent), str(run_root() / "data")])
+    return [Path(p).expanduser() for p in setting("data_roots", default).split(os.pathsep) if p.strip()]
+
+
+def hub_datasets() -> list[str]:
+    """[gemma] hub_datasets: the hub datasets a run may read (comma-separated); by default the
+    configured Dolly 15k."""
+    return [d.strip() for d in setting("hub_datasets", Config.dataset_hub_id).split(",") if d.strip()]
 
 
 def runs_dir() -> Path:

@@ -8,12 +8,15 @@ tasks.pipeline.snapshot_store.
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import json
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 from urllib.parse import urlparse
 
 from tasks.pipeline import storage
@@ -30,13 +33,12 @@ class SnapshotError(storage.PermanentError):
     """The dataset could not be read; the message names the source, record and field."""
 
 
-def jsonl_rows(path: Path, max_bytes: int) -> Iterator[tuple[str, object]]:
-    """(where, parsed object or BadRecord) for each non-blank line."""
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # a blank line (e.g. a trailing newline) is not a record
-            yield f"line {lineno}", parse_line(line, max_bytes)
+def jsonl_rows(f: BinaryIO, max_bytes: int) -> Iterator[tuple[str, object]]:
+    """(where, parsed object or BadRecord) for each non-blank line of an open binary file."""
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue  # a blank line (e.g. a trailing newline) is not a record
+        yield f"line {lineno}", parse_line(line, max_bytes)
 
 
 def parse_line(line: bytes, max_bytes: int) -> object:
@@ -145,43 +147,83 @@ def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config,
     return records, summary
 
 
-def read_local(path: Path, cfg: Config) -> tuple[list[dict], dict]:
-    """A local file by its suffix: JSON lines (.jsonl, and .json unless it holds one JSON array, as
-    `datasets`' to_json writes lines), Parquet or CSV (every cell text; a chat list as JSON text)."""
-    if not path.is_file():
-        raise SnapshotError(f"dataset file not found: {path}")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def check_file(given: Path, roots: list[Path]) -> tuple[Path, os.stat_result]:
+    """The dataset file `given` (as the setting names it), resolved (symlinks followed), checked
+    before a byte of it is read: a supported suffix, inside one of `roots`, a regular file. Returns
+    the resolved path and its stat, which the file later opened must still match. The errors name
+    the setting and the value, never anything read from the file."""
+    resolved = Path(os.path.realpath(given))
+    if resolved.suffix.lower() not in SUFFIXES:
+        raise SnapshotError(f"dataset_source {str(given)!r}: a '{resolved.suffix or '(no suffix)'}' file is not read; "
+                            f"the formats are {', '.join(SUFFIXES)}")
+    if not any(resolved.is_relative_to(os.path.realpath(root)) for root in roots):
+        raise SnapshotError(f"dataset_source {str(given)!r} is outside the data roots ([gemma] data_roots / "
+                            f"GEMMA_DATA_ROOTS: {os.pathsep.join(str(r) for r in roots)}): put the file in one of "
+                            "them, or have the deployment add its folder")
+    try:
+        st = os.stat(resolved)
+    except OSError:
+        raise SnapshotError(f"dataset file not found: {given}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"dataset_source {str(given)!r} is not a regular file")
+    return resolved, st
+
+
+@contextlib.contextmanager
+def open_checked(path: Path, checked: os.stat_result) -> Iterator[BinaryIO]:
+    """The checked file itself: opened without following a symlink swapped in since the check, and
+    refused when what is open is another file than the one checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise SnapshotError(f"dataset file {path} could not be opened as the file checked ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (checked.st_dev, checked.st_ino):
+            raise SnapshotError(f"dataset file {path} changed between its check and its reading; not read")
+        yield f
+
+
+def read_local(path: Path, cfg: Config, checked: os.stat_result) -> tuple[list[dict], dict]:
+    """A local file checked by `check_file`, by its suffix: JSON lines (.jsonl, and .json unless it
+    holds one JSON array, as `datasets`' to_json writes lines), Parquet or CSV (every cell text; a
+    chat list as JSON text)."""
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq  # comes with `datasets`
+    with open_checked(path, checked) as f:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq  # comes with `datasets`
 
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several types for a broken file
-            raise SnapshotError(f"{path}: not a readable Parquet file ({e})") from e
-        return collect(object_rows(table.to_pylist(), cfg.max_record_bytes), str(path), cfg, table.column_names)
-    if suffix == ".csv":
-        import csv
+            try:
+                table = pq.read_table(f)
+            except Exception as e:  # pyarrow raises several types for a broken file
+                raise SnapshotError(f"{path}: not a readable Parquet file ({e})") from e
+            return collect(object_rows(table.to_pylist(), cfg.max_record_bytes), str(path), cfg, table.column_names)
+        if suffix == ".csv":
+            import csv
 
-        try:
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
+            try:
+                text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+                reader = csv.DictReader(text)
                 rows = list(reader)
                 columns = list(reader.fieldnames or [])
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise SnapshotError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
-        return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg, columns)
-    if suffix == ".json" and _starts_with(path, b"["):
-        try:
-            rows = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SnapshotError(f"{path}: a JSON array that does not parse ({e}); JSON lines are read too") from e
-        return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg)
-    return collect(jsonl_rows(path, cfg.max_record_bytes), str(path), cfg)
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise SnapshotError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
+            return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg, columns)
+        if suffix == ".json" and _starts_with(f, b"["):
+            try:
+                rows = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SnapshotError(f"{path}: a JSON array that does not parse ({e}); JSON lines are read too") from e
+            return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg)
+        return collect(jsonl_rows(f, cfg.max_record_bytes), str(path), cfg)
 
 
-def _starts_with(path: Path, prefix: bytes) -> bool:
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+def _starts_with(f: BinaryIO, prefix: bytes) -> bool:
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    f.seek(0)
     return head.startswith(prefix)
 
 
