@@ -3,6 +3,7 @@ multi-turn chat-messages file in Gemma's chat turn format."""
 
 import datetime as dt
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,8 @@ def test_alpaca_file_runs_through_the_dag(alpaca_run):
     snap = artifacts.read_snapshot_manifest(run_dir)
     assert snap["dataset_format"] == "alpaca" and snap["dataset"] == "acme/alpaca-style"
     assert snap["category_counts"] == {}  # Alpaca rows have no category
-    assert snap["store"].endswith("acme--alpaca-style")  # its own snapshot store, not Dolly's
+    # A file has a snapshot store of its own, never Dolly's, and no Asset of the configured dataset.
+    assert Path(snap["store"]).name.startswith("file--alpaca.parquet--") and snap["asset_uri"] is None
     # The DAG's Asset is the configured dataset's (Dolly): a run on another dataset emits no event.
     assert {ti.task_id: ti.state for ti in dag_run.get_task_instances()}["snapshot_changed"] == "skipped"
     html = artifacts.report_path(run_dir).read_text()
