@@ -108,8 +108,14 @@ def unpause_when_parsed(server: dict) -> None:
 
 
 def trigger(server: dict, conf: dict) -> str:
-    status, run = call(f"{server['base']}/api/v2/dags/{DAG_ID}/dagRuns", "POST", {"logical_date": None, "conf": conf},
-                       server["token"])
+    # The test server keeps Airflow's metadata in SQLite: while the scheduler writes, the API server's
+    # insert can fail with "database is locked" (a 500 "Database error", nothing created); try again.
+    for attempt in range(5):
+        status, run = call(f"{server['base']}/api/v2/dags/{DAG_ID}/dagRuns", "POST", {"logical_date": None, "conf": conf},
+                           server["token"])
+        if not (status >= 500 and "Database error" in str(run)):
+            break
+        time.sleep(2 * (attempt + 1))
     assert status in (200, 201), run
     return run["dag_run_id"]
 
