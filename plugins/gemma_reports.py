@@ -56,7 +56,8 @@ def create_app() -> FastAPI:
                 "<p>This run has no quality report yet: the <code>report</code> task has not finished.</p>",
                 status_code=404, headers=security_headers(""),
             )
-        return HTMLResponse(path.read_text(encoding="utf-8"), headers=security_headers(path.read_text(encoding="utf-8")))
+        html = path.read_text(encoding="utf-8")
+        return HTMLResponse(html, headers=security_headers(html))
 
     return app
 
