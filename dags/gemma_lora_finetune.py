@@ -121,13 +121,12 @@ def snapshot_changed(snap: dict) -> dict:
     """A task with outlets emits its Asset event on every success; skipped, it emits none."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    if not snap.get("asset_uri", True):
-        raise AirflowSkipException(f"this run read the file {snap['source']}, which has a snapshot store of its own: "
-                                   f"the DAG's Asset {SNAPSHOT_ASSET.uri} is the configured dataset's, no asset event")
-    if asset_uri(snap.get("dataset", DEFAULTS.get("dataset_hub_id", Config.dataset_hub_id))) != SNAPSHOT_ASSET.uri:
-        # A run triggered on another dataset (the dataset_hub_id Param) has its own snapshot store.
-        raise AirflowSkipException(f"this run read dataset {snap['dataset']!r}; the DAG's Asset {SNAPSHOT_ASSET.uri} "
-                                   "is the configured dataset's: no asset event")
+    # The snapshot says which Asset it may move: none for a file of the trigger's own, another one for
+    # another hub dataset (results written before it said so: the dataset's).
+    if snap.get("asset_uri", asset_uri(snap["dataset"])) != SNAPSHOT_ASSET.uri:
+        raise AirflowSkipException(f"this run read {snap['source']} (dataset {snap['dataset']!r}), which has a snapshot "
+                                   f"store of its own: the DAG's Asset {SNAPSHOT_ASSET.uri} is the configured dataset's, "
+                                   "no asset event")
     if not snap["changed"]:
         raise AirflowSkipException(
             f"dataset unchanged (sha256 {snap['sha256'][:16]}): snapshot {snap['snapshot_id']} reused, no asset event"

@@ -78,7 +78,7 @@ def report_file(run_id: str) -> Path | None:
             mode = os.lstat(path).st_mode
         except OSError:
             continue
-        if stat.S_ISREG(mode) and path.resolve() == path and path.parent.parent == resolved:
+        if stat.S_ISREG(mode) and path.resolve() == path:  # no symlinked report.html, nor report/ folder
             return path
     return None
 
