@@ -1,9 +1,12 @@
-"""Gemma LoRA fine-tune: snapshot -> preprocess -> sweep -> [finetune -> generate] -> export -> report -> promote.
+"""Gemma LoRA fine-tune: snapshot -> preprocess -> sweep -> [finetune -> generate] -> export -> report -> approve -> promote.
 
 `sweep` plans the LoRA variants (Param `variants`, a list of overrides; empty: one fine-tune);
 `finetune` and `generate` are mapped over them (one mapped instance per variant, each variant in its
 own folder); `export` writes the serving formats of the variant that passes the quality gate;
 `report` compares every variant with the base model and `promote` promotes that one. A failed variant is shown as failed; the others go on.
+`approve` waits for a person (not the one who triggered the run) where the gate alone cannot vouch
+for it: a run that changed the data, model, prompts, split or gate (`[gemma] promotion_approval`);
+every other run skips it.
 `snapshot_changed`, a leaf beside `preprocess`, emits the dataset's Asset event only when the
 snapshot's content changed (skipped otherwise).
 
@@ -20,6 +23,7 @@ import json
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
+from tasks.infra.approval_operator import PromotionApproval
 from tasks.infra.settings import DAG_ID, retries, run_dir_for, run_root, schedule, setting
 from tasks.pipeline.artifacts import asset_uri
 from tasks.infra.cli import stage_argv
@@ -151,14 +155,17 @@ def export() -> dict:
     return result
 
 
-@task(execution_timeout=TIMEOUTS["promote"])
+# none_failed: it runs after an approval and after an `approve` skipped as not needed.
+@task(execution_timeout=TIMEOUTS["promote"], trigger_rule="none_failed")
 def promote() -> dict:
     from airflow.sdk.exceptions import AirflowSkipException
 
     decision = run_locally("promote")
     if not decision["promoted"]:
-        # Skipped, not failed: the gate did its job; the grid marks the run, the report explains.
-        raise AirflowSkipException(f"quality gate failed ({', '.join(decision['failed_checks'])}): not promoted")
+        # Skipped, not failed: the gate (or the reviewer) did its job; the grid marks the run, the report explains.
+        why = (f"quality gate failed ({', '.join(decision['failed_checks'])})" if decision["failed_checks"]
+               else decision["why"])
+        raise AirflowSkipException(f"{why}: not promoted")
     return decision
 
 
@@ -215,7 +222,7 @@ def gemma_lora_finetune():
     # all_done, not all_done_min_one_success: that rule skips a task whose upstream was skipped (an
     # export with nothing to export). A run where no variant finished fails in report, which says so.
     reported = local_stage("report", trigger_rule="all_done")()
-    variants >> exported >> reported >> promote()
+    variants >> exported >> reported >> PromotionApproval() >> promote()
     variants >> reported
 
 

@@ -22,12 +22,13 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from tasks.pipeline import artifacts, storage
+from tasks.pipeline import approval, artifacts, storage
 from tasks.infra import tracking
+from tasks.infra.settings import promotion_approval
 from tasks.pipeline.artifacts import EXPORT, FINETUNE, GENERATE, PREPROCESS, SNAPSHOT
 from tasks.pipeline.artifacts import REPORT as STAGE
 from tasks.infra.cli import stage_main
-from tasks.pipeline.config import Config, fingerprint, stage_keys
+from tasks.pipeline.config import Config, fingerprint, judged_changes, stage_keys
 from tasks.evaluate.evaluation import VARIANT_STAGES, evaluate_sweep, variant_states
 from tasks.evaluate.evaluation import earlier_runs
 from tasks.text.prompt_template import instruction_prompt
@@ -226,8 +227,10 @@ def render(context: dict) -> str:
     return environment().get_template("report.html.j2").render(**context)
 
 
-def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+def run(cfg: Config, run_dir: Path, force: bool = False, configured: Config | None = None) -> dict:
+    """`configured`: the config as the DAG configured it (without the run's overrides); None: `cfg`."""
     plan = run_plan(cfg, run_dir)
+    policy, changes = promotion_approval(), judged_changes(cfg, configured or cfg)
     states = variant_states(run_dir, plan)
     # The report depends on what each variant produced, or on why it failed.
     produced = [
@@ -245,6 +248,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         evaluation = dict(shown["ev"], model_preset=cfg.model_preset, variant=shown["name"],
                           variant_label=shown["label"], promotable=result["promotable"],
                           variants=[variant_summary(s) for s in result["states"]])
+        evaluation["promotion"] = approval.request(policy, changes, evaluation["gate"]["passed"])
         storage.write_json(out / artifacts.METRICS, evaluation)
         context = gather(variant_config(cfg, shown), Path(shown["dir"]), evaluation)
         context.update(run_dir=str(run_dir), run_id=Path(run_dir).name, earlier_runs=earlier_runs(run_dir),
@@ -263,19 +267,21 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                          if s["ev"] else f"FAILED in {s['failed_stage']}: {s['error']}")
             log.info("report: promotable variant: %s", result["promotable"] or "none (no variant passed the gate)")
         log.info("report: quality gate %s; wrote %s (%d KB)", verdict, path, len(html) // 1024)
+        log.info("report: promotion %s: %s", "waits for a person's approval" if evaluation["promotion"]["approval_required"]
+                 else "needs no approval", evaluation["promotion"]["why"])
         return {"report": str(path), "gate_passed": evaluation["gate"]["passed"], "variant": result["promotable"]}
 
     # Templates are inputs too: editing one re-renders the report.
     tmpl = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in TEMPLATES.glob("*"))
     gate_cfg = cfg.subset(CONFIG_KEYS)
-    fp = fingerprint(STAGE, upstream, plan, produced, tmpl, gate_cfg)
+    fp = fingerprint(STAGE, upstream, plan, produced, tmpl, gate_cfg, policy, changes)
     result = storage.run_stage(run_dir, STAGE, fp, body, force)
     tracking.log_report(str(run_dir), fp)
     return result
 
 
 def main(argv=None) -> dict:
-    return stage_main(STAGE, __doc__, run, argv)
+    return stage_main(STAGE, __doc__, run, argv, with_configured=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Reads what `finetune` and `generate` wrote; used by the `report` stage, which st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tasks.pipeline import artifacts, storage
@@ -105,6 +106,19 @@ def gate(cfg: Config, m: dict) -> dict:
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
+def promotion_summary(run_dir: Path) -> str:
+    """One line for the run history: promoted or not, and who approved or refused it, when and why."""
+    path = artifacts.path(run_dir, artifacts.PROMOTE, artifacts.DECISION)
+    if not storage.completed(run_dir, artifacts.PROMOTE) or not path.is_file():
+        return "–"
+    decision = json.loads(path.read_text(encoding="utf-8"))
+    line = "promoted" if decision.get("promoted") else "not promoted"
+    appr = decision.get("approval")
+    if appr:
+        line += f" ({appr['reason']}, {appr['at']})" if appr.get("at") else f" ({appr['reason']})"
+    return line
+
+
 def earlier_runs(run_dir: Path, limit: int = 20) -> list[dict]:
     """Key metrics of earlier runs beside this one (same run root), newest first."""
     rows = []
@@ -125,6 +139,7 @@ def earlier_runs(run_dir: Path, limit: int = 20) -> list[dict]:
                 "perplexity_tuned": m["perplexity"]["tuned"],
                 "eos_stop_rate_tuned": m["eos_stop_rate"]["tuned"],
                 "gate_passed": m["gate"]["passed"],
+                "promotion": promotion_summary(other),
             }
         )
     rows.sort(key=lambda r: r["finished_at"], reverse=True)

@@ -51,6 +51,8 @@ def stage_main(
     doc: str | None,
     run: Callable[[Config, Path, bool], dict],
     argv: Sequence[str] | None = None,
+    *,
+    with_configured: bool = False,
 ) -> dict:
     ap = argparse.ArgumentParser(
         prog=f"python -m tasks.{stage}",
@@ -92,7 +94,9 @@ def stage_main(
             from tasks.infra.gpu_check import require_gpu
 
             require_gpu()
-        result = run(cfg, run_dir, args.force)
+        # The stages that judge a run's trust get the config as the DAG configured it (no --set).
+        extra = {"configured": load_config(args.config)} if with_configured else {}
+        result = run(cfg, run_dir, args.force, **extra)
     except Exception as e:
         # Only beside outputs that exist: a stage that failed before writing anything leaves nothing.
         if run_dir.is_dir():

@@ -91,6 +91,30 @@ def schedule() -> str | None:
     return None if value.lower() == "none" else value
 
 
+PROMOTION_APPROVAL = ("untrusted", "always", "never")
+APPROVAL_TIMEOUT_DEFAULT_H = "168"
+
+
+def promotion_approval() -> str:
+    """[gemma] promotion_approval: when a run that passes the gate waits for a person before it is
+    promoted. `untrusted` (default): when it changed a judged config key from the DAG's configured
+    value; `always`: every run; `never`: no run (one trusted user, as before approvals existed)."""
+    value = setting("promotion_approval", "untrusted").strip().lower()
+    if value not in PROMOTION_APPROVAL:
+        raise ValueError(f"[gemma] promotion_approval / GEMMA_PROMOTION_APPROVAL must be one of "
+                         f"{', '.join(PROMOTION_APPROVAL)}, not {value!r}")
+    return value
+
+
+def approval_timeout_h() -> int:
+    """[gemma] approval_timeout_h: hours a promotion waits for a person; then it is not promoted."""
+    raw = setting("approval_timeout_h", APPROVAL_TIMEOUT_DEFAULT_H).strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 8760:
+        raise ValueError(f"[gemma] approval_timeout_h / GEMMA_APPROVAL_TIMEOUT_H must be a whole number of hours "
+                         f"from 1 to 8760, not {raw!r}")
+    return int(raw)
+
+
 def run_root() -> Path:
     default = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "gemma_runs"
     return Path(setting("run_root", str(default))).expanduser()

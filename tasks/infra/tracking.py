@@ -296,9 +296,11 @@ def log_report(run_dir: str, fingerprint: str) -> dict:
     return state
 
 
-def register_champion(run_dir: str, variant_dir: str, fingerprint: str, export_manifest: str | None) -> dict:
+def register_champion(run_dir: str, variant_dir: str, fingerprint: str, export_manifest: str | None,
+                      approval: dict | None = None) -> dict:
     """A new version of the registered model from the champion variant's logged adapter; `champion`
-    moves to it and `previous-champion` to the version that held `champion`."""
+    moves to it and `previous-champion` to the version that held `champion`. A person's `approval`
+    (who, when, why) goes into the version's and the run's tags."""
     result: dict = {}
     # What an earlier stage could not log (the adapter above all) goes in first.
     replay(Path(run_dir), skip=("registry",))
@@ -316,8 +318,14 @@ def register_champion(run_dir: str, variant_dir: str, fingerprint: str, export_m
             client.create_registered_model(REGISTERED_MODEL, description="LoRA adapters promoted by the quality gate")
         if export_manifest is not None:
             client.log_artifact(run.info.run_id, str(export_manifest), "adapter/export")
-        version = client.create_model_version(REGISTERED_MODEL, source, run_id=run.info.run_id,
-                                              tags={"gemma.run_key": run.data.tags.get("gemma.run_key", "")})
+        tags = {"gemma.run_key": run.data.tags.get("gemma.run_key", "")}
+        if approval:
+            tags.update({"gemma.approved_by": str(approval.get("by")), "gemma.approved_at": str(approval.get("at")),
+                         "gemma.approval_comment": str(approval.get("comment") or "")[:5000],
+                         "gemma.triggered_by": str(approval.get("triggered_by"))})
+            for k, v in tags.items():
+                client.set_tag(run.info.run_id, k, v)
+        version = client.create_model_version(REGISTERED_MODEL, source, run_id=run.info.run_id, tags=tags)
         try:
             previous = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION_ALIAS)
         except mlflow.exceptions.MlflowException:
@@ -329,7 +337,8 @@ def register_champion(run_dir: str, variant_dir: str, fingerprint: str, export_m
                       previous_version=int(previous.version) if previous is not None else None)
 
     call = {"fn": "register_champion", "kwargs": {"run_dir": str(run_dir), "variant_dir": str(variant_dir),
-                                                  "fingerprint": fingerprint, "export_manifest": export_manifest}}
+                                                  "fingerprint": fingerprint, "export_manifest": export_manifest,
+                                                  "approval": approval}}
     state = log_piece(Path(variant_dir), "registry", fingerprint, body, call)
     if state["status"] == "logged" and not result:
         # Registered by an earlier attempt: read the version back from the registry.

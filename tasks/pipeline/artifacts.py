@@ -47,6 +47,7 @@ MODELFILE = "Modelfile"  # export/gguf: for `ollama create`
 REPORT_HTML = "report.html"  # report
 METRICS = "metrics.json"  # report: every metric and the gate's verdict
 DECISION = "decision.json"  # promote
+APPROVAL = "approval.json"  # in the run folder: a person's answer to the approve task (tasks.pipeline.approval)
 CHAMPION = "champion.json"  # beside the run folders: the promoted adapter
 CHAMPION_LOG = "champion_log.jsonl"  # beside it: every earlier champion
 SNAPSHOT_STORE = "snapshots"  # beside the run folders: <slug>/<snapshot id>/ and LATEST.json
@@ -67,6 +68,10 @@ def report_path(run_dir: Path) -> Path:
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
+
+
+def approval_path(run_dir: Path) -> Path:
+    return Path(run_dir) / APPROVAL
 
 
 def champion_path(run_dir: Path) -> Path:

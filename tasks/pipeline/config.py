@@ -48,14 +48,25 @@ def known_suites() -> list[str]:
     return sorted(p.stem for p in PROMPT_SUITE_DIR.glob("*.yaml"))
 
 
-def key(default: Any, help: str, *, stages: tuple[str, ...] = (), no_outputs: str = "", range: tuple | None = None,
-        choices: tuple | None = None, variant: bool = False, param: bool = False, schema: dict | None = None):
-    """One config key: its default, what it means (`help`, also the trigger form's description), the
-    stages whose outputs it changes (their fingerprints include it) or why it changes none
-    (`no_outputs`), its inclusive (min, max) `range` or its `choices`, whether a sweep `variant` may
-    set it, and whether it is a DAG `param` (with extra JSON `schema` for the trigger form)."""
-    meta = {"help": help, "stages": stages, "no_outputs": no_outputs, "range": range, "choices": choices,
-            "variant": variant, "param": param, "schema": schema or {}}
+# A key's trust class. `training`: how the adapter is trained (or how fast, or what is logged); a manual
+# run that changes only these stays trusted: the gate still judges it on the DAG's data, model,
+# prompts and thresholds. `judged`: what the gate's verdict rests on (data, model, prompt suite,
+# evaluation and gate settings, the held-out split); a run that changes one chose its own test, and a
+# person approves its promotion (see docs/security.md).
+TRAINING, JUDGED = "training", "judged"
+TRUST_CLASSES = (TRAINING, JUDGED)
+
+
+def key(default: Any, help: str, *, trust: str | None = None, stages: tuple[str, ...] = (), no_outputs: str = "",
+        range: tuple | None = None, choices: tuple | None = None, variant: bool = False, param: bool = False,
+        schema: dict | None = None):
+    """One config key: its default, what it means (`help`, also the trigger form's description), its
+    `trust` class (TRAINING or JUDGED; a test fails on a key without one), the stages whose outputs it
+    changes (their fingerprints include it) or why it changes none (`no_outputs`), its inclusive (min,
+    max) `range` or its `choices`, whether a sweep `variant` may set it, and whether it is a DAG
+    `param` (with extra JSON `schema` for the trigger form)."""
+    meta = {"help": help, "trust": trust, "stages": stages, "no_outputs": no_outputs, "range": range,
+            "choices": choices, "variant": variant, "param": param, "schema": schema or {}}
     if isinstance(default, dict):  # a mutable default: each Config gets its own copy
         return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -68,127 +79,127 @@ class Config:
         "bundled",
         "'hub' (dataset_hub_id from the Hugging Face hub, pinned revision), 'bundled' (the Dolly sample in the image) "
         "or a path to a .jsonl, .json, .parquet or .csv file",
-        stages=(SNAPSHOT,), param=True)
+        stages=(SNAPSHOT,), param=True, trust=JUDGED)
     dataset_hub_id: str = key(DOLLY_HUB_ID, "the dataset's id on the Hugging Face hub (also names its snapshot store and Asset)",
-                              stages=(SNAPSHOT,), param=True)
+                              stages=(SNAPSHOT,), param=True, trust=JUDGED)
     dataset_revision: str = key(DOLLY_PINNED_REVISION, "the hub revision (commit) a 'hub' snapshot reads", stages=(SNAPSHOT,),
-                                param=True)
-    dataset_split: str = key("train", "the split a 'hub' snapshot reads", stages=(SNAPSHOT,), param=True)
+                                param=True, trust=JUDGED)
+    dataset_split: str = key("train", "the split a 'hub' snapshot reads", stages=(SNAPSHOT,), param=True, trust=JUDGED)
     dataset_format: str = key(
         "dolly",
         "the records' shape: dolly (instruction, context, response, category), alpaca (instruction, input, output), "
         "messages (OpenAI 'messages' or ShareGPT 'conversations', multi-turn), columns (named by dataset_columns), "
         "or auto (detected from the first record)",
-        stages=(SNAPSHOT,), choices=("auto",) + FORMATS, param=True)
+        stages=(SNAPSHOT,), choices=("auto",) + FORMATS, param=True, trust=JUDGED)
     dataset_columns: dict = key(
         {},
         "with dataset_format 'columns': which column is which, e.g. "
         '{"instruction": "question", "response": "answer", "context": "passage"}; roles: ' + ", ".join(COLUMN_ROLES),
-        stages=(SNAPSHOT,), param=True)
+        stages=(SNAPSHOT,), param=True, trust=JUDGED)
     hub_timeout_s: float = key(20.0, "seconds the hub may take to answer before the snapshot fails as unreachable",
-                               no_outputs="only how long to wait", range=(1, 600))
+                               no_outputs="only how long to wait", range=(1, 600), trust=TRAINING)
     # A broken upstream file should stop the run, not quietly train on what is left: see max_bad_share.
     bad_record_policy: str = key(
         "skip",
         "bad dataset records: 'skip' drops and counts them (the run fails above max_bad_share), 'fail' stops at the first one",
-        stages=(SNAPSHOT,), choices=("skip", "fail"), param=True)
+        stages=(SNAPSHOT,), choices=("skip", "fail"), param=True, trust=JUDGED)
     max_bad_share: float = key(0.05, "with 'skip': the largest share of bad records (0-1) a snapshot accepts",
-                               stages=(SNAPSHOT,), range=(0.0, 1.0), param=True)
+                               stages=(SNAPSHOT,), range=(0.0, 1.0), param=True, trust=JUDGED)
     max_record_bytes: int = key(100_000, "a record (its JSON line, or its fields as JSON) larger than this is bad ('too_large')",
-                                stages=(SNAPSHOT,), range=(1, 1_000_000_000))
+                                stages=(SNAPSHOT,), range=(1, 1_000_000_000), trust=JUDGED)
 
     # -- preprocessing ---------------------------------------------------------------------
     drop_context: bool = key(True, "drop the records that have a context (the seed's choice); false puts the context "
-                             "into the prompt", stages=(PREPROCESS,))
+                             "into the prompt", stages=(PREPROCESS,), trust=JUDGED)
     prompt_template: str = key(
         "tutorial",
         "the prompt format: tutorial (Instruction: ... Response:, the Keras tutorial's) or gemma_chat (the turn "
         "format of Gemma's instruction-tuned checkpoints, start_of_turn user ... end_of_turn; answers stop at the turn end)",
-        stages=(PREPROCESS, GENERATE, EXPORT), choices=TEMPLATES, param=True)
+        stages=(PREPROCESS, GENERATE, EXPORT), choices=TEMPLATES, param=True, trust=JUDGED)
     num_examples: int = key(1000, "training examples drawn (seeded) from the usable rows",
-                            stages=(PREPROCESS,), range=(1, 1_000_000), param=True)
+                            stages=(PREPROCESS,), range=(1, 1_000_000), param=True, trust=TRAINING)
     heldout_examples: int = key(100, "held-out examples kept for evaluation, disjoint from training",
-                                stages=(PREPROCESS,), range=(0, 100_000), param=True)
-    subset_seed: int = key(42, "seed of the held-out split and the training subset", stages=(PREPROCESS,))
+                                stages=(PREPROCESS,), range=(0, 100_000), param=True, trust=JUDGED)
+    subset_seed: int = key(42, "seed of the held-out split and the training subset", stages=(PREPROCESS,), trust=JUDGED)
 
     # -- model -----------------------------------------------------------------------------
     model_preset: str = key(
         "gemma_2b_en",
         "keras-hub preset (e.g. gemma_2b_en, via Kaggle), a local preset directory, or gguf:gemma3-270m",
-        stages=(PREPROCESS, FINETUNE, GENERATE), param=True)
+        stages=(PREPROCESS, FINETUNE, GENERATE), param=True, trust=JUDGED)
     models_dir: str = key("", "where imported and tiny models are cached; empty means $GEMMA_MODELS_DIR or ~/.cache",
-                          no_outputs="a cache location")
+                          no_outputs="a cache location", trust=JUDGED)
     sequence_length: int = key(256, "tokens per training example; longer ones are truncated",
-                               stages=(PREPROCESS, FINETUNE), range=(8, 8192), variant=True, param=True)
+                               stages=(PREPROCESS, FINETUNE), range=(8, 8192), variant=True, param=True, trust=TRAINING)
 
     # -- LoRA fine-tune (defaults: the Keras tutorial's recipe) -----------------------------
-    lora_rank: int = key(4, "LoRA rank", stages=(FINETUNE, GENERATE), range=(1, 1024), variant=True, param=True)
+    lora_rank: int = key(4, "LoRA rank", stages=(FINETUNE, GENERATE), range=(1, 1024), variant=True, param=True, trust=TRAINING)
     trainable_tokens: str = key(
         "auto",
         "auto: with prompt_template gemma_chat, also train the embedding rows of <start_of_turn> and <end_of_turn> "
         "(untrained in a pretrained base, so its tuned answers could not stop at the turn end); none: LoRA only",
-        stages=(FINETUNE,), choices=("auto", "none"), variant=True)
-    learning_rate: float = key(5e-5, "AdamW learning rate", stages=(FINETUNE,), range=(1e-8, 1.0), variant=True, param=True)
+        stages=(FINETUNE,), choices=("auto", "none"), variant=True, trust=TRAINING)
+    learning_rate: float = key(5e-5, "AdamW learning rate", stages=(FINETUNE,), range=(1e-8, 1.0), variant=True, param=True, trust=TRAINING)
     weight_decay: float = key(0.01, "AdamW weight decay (bias and scale excluded)", stages=(FINETUNE,), range=(0.0, 1.0),
-                              variant=True, param=True)
-    epochs: int = key(1, "passes over the training examples", stages=(FINETUNE,), range=(1, 1000), variant=True, param=True)
-    batch_size: int = key(1, "examples per training step", stages=(FINETUNE,), range=(1, 4096), variant=True, param=True)
-    training_seed: int = key(0, "seed of the LoRA initialisation and the epochs' example order", stages=(FINETUNE,), variant=True)
+                              variant=True, param=True, trust=TRAINING)
+    epochs: int = key(1, "passes over the training examples", stages=(FINETUNE,), range=(1, 1000), variant=True, param=True, trust=TRAINING)
+    batch_size: int = key(1, "examples per training step", stages=(FINETUNE,), range=(1, 4096), variant=True, param=True, trust=TRAINING)
+    training_seed: int = key(0, "seed of the LoRA initialisation and the epochs' example order", stages=(FINETUNE,), variant=True, trust=TRAINING)
     loss_tokens: str = key("all", "tokens in the loss: 'all' (the tutorial: prompt and response) or 'response'",
-                           stages=(FINETUNE,), choices=("all", "response"), variant=True)
+                           stages=(FINETUNE,), choices=("all", "response"), variant=True, trust=TRAINING)
     # The same recipe, data, order of epochs and loss either way. "fast" scales the loss so it
     # equals the tutorial's. Which engine fast mode takes on a CPU is cpu_engine (one graph, or XLA
     # as on a GPU, which cpu_demo uses); bench/README.md has the figures.
     train_mode: str = key(
         "tutorial",
         "tutorial: pad every example to sequence_length (the Keras tutorial); fast: length-bucketed batches, XLA on GPUs, bf16 where native (bench/README.md)",
-        stages=(FINETUNE,), choices=("tutorial", "fast"), variant=True, param=True)
+        stages=(FINETUNE,), choices=("tutorial", "fast"), variant=True, param=True, trust=TRAINING)
     data_parallel: str = key(
         "auto", "auto: train on every GPU the stage sees (tf.distribute.MirroredStrategy; the global batch stays "
         "batch_size, so use a multiple of the GPU count); off: one device", stages=(), choices=("auto", "off"),
-        no_outputs="the same recipe on N devices trains to the same adapter")
+        no_outputs="the same recipe on N devices trains to the same adapter", trust=TRAINING)
     bucket_multiple: int = key(16, "fast mode: batch widths are multiples of this many tokens (capped at sequence_length)",
-                               stages=(FINETUNE,), range=(1, 8192), variant=True)
+                               stages=(FINETUNE,), range=(1, 8192), variant=True, trust=TRAINING)
     # Every width is one more XLA compilation; graph mode (CPU) is not limited.
     bucket_shapes: int = key(4, "fast mode under XLA (GPU): at most this many batch widths, chosen from the data to pad least",
-                             stages=(FINETUNE,), range=(1, 1024), variant=True)
+                             stages=(FINETUNE,), range=(1, 1024), variant=True, trust=TRAINING)
     # Which engine wins on a CPU depends on the CPU: one graph measured 2.2x XLA's per-width
     # compilations on a Xeon with AMX, XLA 2x the graph's tokens/s on a 2-core AMD EPYC.
     cpu_engine: str = key(
         "graph",
         "fast mode on a CPU: 'graph' (one TensorFlow graph traced once for every width) or 'xla' (XLA, at most "
         "bucket_shapes widths, each one compilation); measure with bench.train_modes",
-        stages=(FINETUNE,), choices=("graph", "xla"), variant=True)
+        stages=(FINETUNE,), choices=("graph", "xla"), variant=True, trust=TRAINING)
     mixed_precision: str = key(
         "auto",
         "'auto': mixed bfloat16 in fast mode on a device that computes it natively (GPU of compute capability >= 8.0, "
         "CPU with AMX-BF16), else float32; 'off': float32; 'bfloat16': mixed bfloat16 on any device and mode",
-        stages=(FINETUNE,), choices=("auto", "off", "bfloat16"), variant=True)
+        stages=(FINETUNE,), choices=("auto", "off", "bfloat16"), variant=True, trust=TRAINING)
     # Keras's "auto" turns XLA off on CPU, where it halves Gemma 3's step.
-    jit_compile: bool = key(False, "XLA for the tutorial mode's train step", stages=(FINETUNE,), variant=True)
+    jit_compile: bool = key(False, "XLA for the tutorial mode's train step", stages=(FINETUNE,), variant=True, trust=TRAINING)
     eval_examples: int = key(100, "held-out examples scored (masked loss, response perplexity) before and after tuning",
-                             stages=(FINETUNE,), range=(0, 100_000))
+                             stages=(FINETUNE,), range=(0, 100_000), trust=JUDGED)
     log_every_steps: int = key(1, "steps between progress lines in the task log", no_outputs="only logging",
-                               range=(1, 1_000_000))
+                               range=(1, 1_000_000), trust=TRAINING)
     checkpoint_every_steps: int = key(
         50, "steps between fine-tune checkpoints a retried task resumes from; 0 turns them off",
-        no_outputs="a resumed run trains to the same adapter", range=(0, 1_000_000))
+        no_outputs="a resumed run trains to the same adapter", range=(0, 1_000_000), trust=TRAINING)
 
     # -- generation --------------------------------------------------------------------------
     prompt_suite: str = key("v1", "versioned prompt suite both models answer", stages=(GENERATE,), param=True,
-                            schema={"enum": known_suites()})
-    max_length: int = key(256, "generation length in tokens, prompt included", stages=(GENERATE,), range=(8, 8192), param=True)
-    sampler: str = key("top_k", "generation sampler", stages=(GENERATE,), choices=("top_k", "greedy"), param=True)
-    top_k: int = key(5, "k of the top_k sampler", stages=(GENERATE,), range=(1, 1_000_000))
-    sampler_seed: int = key(2, "seed of the sampler", stages=(GENERATE,))
-    generate_batch_size: int = key(4, "prompts answered per generate call", stages=(GENERATE,), range=(1, 4096))
+                            schema={"enum": known_suites()}, trust=JUDGED)
+    max_length: int = key(256, "generation length in tokens, prompt included", stages=(GENERATE,), range=(8, 8192), param=True, trust=JUDGED)
+    sampler: str = key("top_k", "generation sampler", stages=(GENERATE,), choices=("top_k", "greedy"), param=True, trust=JUDGED)
+    top_k: int = key(5, "k of the top_k sampler", stages=(GENERATE,), range=(1, 1_000_000), trust=JUDGED)
+    sampler_seed: int = key(2, "seed of the sampler", stages=(GENERATE,), trust=JUDGED)
+    generate_batch_size: int = key(4, "prompts answered per generate call", stages=(GENERATE,), range=(1, 4096), trust=TRAINING)
     # keras-hub compiles its generate function with the model's jit_compile, and Keras's "auto"
     # turns XLA off on a machine without a GPU (the demo's generate stage: 252 s off, 116 s on).
     generate_xla: bool = key(True, "XLA for the generate function (the whole decoding loop, one compilation per batch shape)",
-                             stages=(GENERATE,))
+                             stages=(GENERATE,), trust=TRAINING)
     heldout_generate_examples: int = key(
         100, "held-out prompts both models answer, scored with ROUGE-L against the reference responses",
-        stages=(GENERATE,), range=(0, 100_000))
+        stages=(GENERATE,), range=(0, 100_000), trust=JUDGED)
 
     # -- sweep -------------------------------------------------------------------------------
     # Each variant is fine-tuned and answers in its own folder (<run dir>/variants/v<i>); the report
@@ -199,23 +210,23 @@ class Config:
         '[{"lora_rank": 4}, {"lora_rank": 8, "learning_rate": 0.0001}]; each is fine-tuned and '
         "compared in one report, the best that passes the gate is promoted. Empty: one fine-tune. "
         "Keys a variant may set: <variant keys>",
-        stages=(SWEEP,), param=True, schema={"items": {"type": "object"}, "maxItems": MAX_VARIANTS})
+        stages=(SWEEP,), param=True, schema={"items": {"type": "object"}, "maxItems": MAX_VARIANTS}, trust=TRAINING)
 
     # -- export of the champion -------------------------------------------------------------
     export_formats: tuple = key(
         EXPORT_FORMATS,
         "formats the champion is exported in: keras (a keras-hub preset with LoRA merged), hf (Hugging Face "
         "safetensors for transformers, vLLM, TGI), gguf (f16 and q8_0 for llama.cpp, Ollama, LM Studio)",
-        stages=(EXPORT,), param=True, schema={"items": {"type": "string", "enum": list(EXPORT_FORMATS)}, "uniqueItems": True})
+        stages=(EXPORT,), param=True, schema={"items": {"type": "string", "enum": list(EXPORT_FORMATS)}, "uniqueItems": True}, trust=TRAINING)
 
     # -- quality gate: the tuned model passes when all three hold ----------------------------------
     # Export applies it too: it exports the variant that passes (the one promote promotes).
     gate_rouge_l_margin: float = key(0.0, "gate: tuned held-out ROUGE-L >= base - margin", stages=(EXPORT, REPORT),
-                                     range=(0.0, 1.0))
+                                     range=(0.0, 1.0), trust=JUDGED)
     gate_eos_rate_margin: float = key(0.0, "gate: tuned EOS-stop rate >= base rate - margin (suite and held-out answers)",
-                                      stages=(EXPORT, REPORT), range=(0.0, 1.0))
+                                      stages=(EXPORT, REPORT), range=(0.0, 1.0), trust=JUDGED)
     gate_perplexity_margin: float = key(0.05, "gate: tuned held-out response perplexity <= base x (1 + margin)",
-                                        stages=(EXPORT, REPORT), range=(0.0, 100.0))
+                                        stages=(EXPORT, REPORT), range=(0.0, 100.0), trust=JUDGED)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +244,13 @@ RANGES: dict[str, tuple[float, float]] = {k: m["range"] for k, m in _META.items(
 # What a sweep variant may change: how the adapter is trained. The data, the base model and the
 # generation settings stay the run's, so every variant is compared on the same prompts and scores.
 VARIANT_KEYS = tuple(k for k, m in _META.items() if m["variant"])
+JUDGED_KEYS = tuple(k for k, m in _META.items() if m["trust"] == JUDGED)
+
+
+def judged_changes(cfg: "Config", configured: "Config") -> list[str]:
+    """The judged keys (see TRAINING, JUDGED) whose value in the run differs from the configured one:
+    empty for the scheduled run and for a manual one that changed only how the adapter is trained."""
+    return [k for k in JUDGED_KEYS if getattr(cfg, k) != getattr(configured, k)]
 
 
 def stage_keys(stage: str) -> tuple[str, ...]:
@@ -487,14 +505,17 @@ def reference() -> str:
         affects = ", ".join(f"`{st}`" for st in m["stages"]) or f"none: {m['no_outputs']}"
         who = ", ".join(w for w, on in (("variant", m["variant"]), ("Param", m["param"])) if on)
         rows.append(f"| `{f.name}` | {FIELD_TYPES[f.name].__name__} | `{cell(json.dumps(default))}` | {cell(allowed)} "
-                    f"| {cell(affects)} | {who} | {cell(m['help'])} |")
+                    f"| {cell(affects)} | {who} | {m['trust']} | {cell(m['help'])} |")
     head = ["# Configuration reference", "",
             "Generated from `Config` in `tasks/pipeline/config.py` (`python -m tasks.pipeline.config >",
             "docs/config-reference.md`); `tests/architecture/test_config_keys.py` fails when this page is stale.",
             "A config file (`tasks/configs/*.yaml`) sets any of these keys; `--set key=value` and the trigger",
             "form's Params override them; a sweep variant may set those marked `variant`. \"Stages\" are the",
-            "stages whose input fingerprint holds the key: changing it reruns them.", "",
-            "| key | type | default | range or choices | stages | set by | meaning |", "|---|---|---|---|---|---|---|"]
+            "stages whose input fingerprint holds the key: changing it reruns them. \"Trust\": a run that",
+            "changes a `judged` key from the DAG's configured value waits for a person's approval before its",
+            "promotion (docs/security.md); `training` keys stay trusted.", "",
+            "| key | type | default | range or choices | stages | set by | trust | meaning |",
+            "|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows) + "\n"
 
 

@@ -79,3 +79,34 @@ def test_the_config_reference_page_is_current():
 
     page = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
     assert page.read_text(encoding="utf-8") == reference()
+
+
+def untrusted_without_class(cls=config.Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("trust") not in config.TRUST_CLASSES]
+
+
+def test_every_key_has_a_trust_class_and_a_planted_one_without_is_caught():
+    assert untrusted_without_class() == []
+
+    @dataclasses.dataclass(frozen=True)
+    class Planted(config.Config):
+        new_knob: int = config.key(3, "a key someone forgot to class", stages=("finetune",))
+
+    assert untrusted_without_class(Planted) == ["new_knob"]
+
+
+def test_what_the_verdict_rests_on_is_judged_and_what_a_variant_sets_is_training():
+    """A sweep variant only changes how the adapter is trained, so a sweep stays trusted; the data,
+    the model, the prompts, the held-out split and the gate's margins are what a run judged on its
+    own test would change."""
+    assert set(config.VARIANT_KEYS) <= {k for k in config.FIELD_TYPES if k not in config.JUDGED_KEYS}
+    for judged in ("dataset_source", "dataset_hub_id", "model_preset", "models_dir", "prompt_suite", "heldout_examples",
+                   "subset_seed", "eval_examples", "heldout_generate_examples", "gate_rouge_l_margin",
+                   "gate_perplexity_margin", "gate_eos_rate_margin", "prompt_template", "max_bad_share"):
+        assert judged in config.JUDGED_KEYS, judged
+    base = config.load_config("tiny_test")
+    assert config.judged_changes(config.load_config("tiny_test", {"learning_rate": "0.01", "num_examples": "8"}), base) == []
+    changed = config.load_config("tiny_test", {"dataset_source": "hub", "gate_perplexity_margin": "0.5"})
+    assert config.judged_changes(changed, base) == ["dataset_source", "gate_perplexity_margin"]
+    # The configured value given explicitly is no change (the trigger form sends every Param).
+    assert config.judged_changes(config.load_config("tiny_test", {"prompt_suite": base.prompt_suite}), base) == []

@@ -17,6 +17,8 @@ DAG_FILE = REPO / "dags" / "gemma_lora_finetune.py"
 STAGES = list(artifacts.STAGES)
 # A leaf beside the chain: emits the dataset's Asset event only when the snapshot changed.
 LEAVES = {"snapshot_changed": "snapshot"}
+# A person's step inside the chain, not a stage: between report and promote.
+APPROVE = "approve"
 ML_LIBS = ("tensorflow", "keras", "keras_hub", "keras_nlp", "datasets", "kagglehub", "jax", "torch")
 
 
@@ -30,12 +32,15 @@ def dag(airflow_db):
 
 
 def test_edges_are_exactly_the_stage_chain(dag):
-    assert sorted(t.task_id for t in dag.tasks) == sorted(STAGES + list(LEAVES))
+    assert sorted(t.task_id for t in dag.tasks) == sorted(STAGES + list(LEAVES) + [APPROVE])
     edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+    chain = STAGES[:-1] + [APPROVE, STAGES[-1]]
     # generate also reads the sweep's plan (the mapped group's input); the report also waits for the
     # variants themselves, so it runs when export fails or is skipped.
-    assert edges == (set(zip(STAGES, STAGES[1:])) | {(up, leaf) for leaf, up in LEAVES.items()}
+    assert edges == (set(zip(chain, chain[1:])) | {(up, leaf) for leaf, up in LEAVES.items()}
                      | {("sweep", "generate"), ("generate", "report")})
+    # promote runs after an approval and after an approve task skipped as not needed
+    assert dag.get_task("promote").trigger_rule == "none_failed"
 
 
 def test_only_snapshot_changed_produces_the_dataset_asset(dag):
