@@ -34,7 +34,7 @@ def body(dag_id: str, run_id: str, metrics: dict, triggered_by: str | None) -> s
         f"| check | rule | base | tuned | result |\n|---|---|---|---|---|\n{rows}\n\n"
         f"**Why a person is asked:** {promo['why']}.\n\n"
         f"**Triggered by:** {triggered_by or 'the scheduler'} (who may not approve it).\n\n"
-        f"Read the [report tab](/dags/{dag_id}/runs/{run}/gemma-quality-report) before answering: its held-out "
+        f"Read the [report tab](/dags/{dag_id}/runs/{run}/plugin/gemma-quality-report) before answering: its held-out "
         "examples, answers and intervals are what the gate measured.\n\n"
         "**Approve** promotes the run's adapter as the champion; **Reject** keeps the current champion. "
         "The comment is recorded with the decision."

@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
 from tests.conftest import airflow_bin
 
@@ -56,12 +55,8 @@ def wait_for(what: str, fn, timeout: float, every: float = 2.0):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@contextlib.contextmanager
-def standalone(home: Path, extra_env: dict | None = None) -> Iterator[dict]:
-    """`airflow standalone` with its home in `home` and the run root in `home/gemma_runs`; yields
-    {"base", "token" (admin's), "home", "proc"}, and stops the whole process group at the end."""
-    port = free_port()
-    env = {
+def server_env(home: Path, port: int, extra_env: dict | None = None) -> dict:
+    return {
         **os.environ,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -75,13 +70,22 @@ def standalone(home: Path, extra_env: dict | None = None) -> Iterator[dict]:
         "PATH": f"{Path(airflow_bin()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra_env or {}),
     }
-    log = (home / "standalone.log").open("w")
-    proc = subprocess.Popen([airflow_bin(), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextlib.contextmanager
+def airflow_process(args: list[str], home: Path, extra_env: dict | None = None, log_name: str = "standalone.log"):
+    """`airflow <args>` (standalone, or one api-server) with its home in `home` and the run root in
+    `home/gemma_runs`; yields {"base", "token" (admin's), "home", "proc"}, and stops the whole
+    process group at the end."""
+    port = free_port()
+    log = (home / log_name).open("w")
+    proc = subprocess.Popen([airflow_bin(), *args], env=server_env(home, port, extra_env), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         def healthy():
             if proc.poll() is not None:
-                raise RuntimeError(f"airflow standalone exited {proc.returncode}; see {home / 'standalone.log'}")
+                raise RuntimeError(f"airflow {args[0]} exited {proc.returncode}; see {home / log_name}")
             return call(f"{base}/api/v2/monitor/health")[0] == 200
 
         wait_for("the API server", healthy, timeout=180)
@@ -100,6 +104,12 @@ def standalone(home: Path, extra_env: dict | None = None) -> Iterator[dict]:
         log.close()
 
 
+def standalone(home: Path, extra_env: dict | None = None):
+    """`airflow standalone` (API server, scheduler, DAG processor, triggerer; it always runs the simple
+    auth manager)."""
+    return airflow_process(["standalone"], home, extra_env)
+
+
 def unpause_when_parsed(server: dict) -> None:
     base, token = server["base"], server["token"]
     wait_for("the DAG to be parsed", lambda: call(f"{base}/api/v2/dags/{DAG_ID}", token=token)[0] == 200, timeout=180)
@@ -107,12 +117,20 @@ def unpause_when_parsed(server: dict) -> None:
     assert status == 200, body
 
 
-def trigger(server: dict, conf: dict) -> str:
+def token_for(server: dict, user: str) -> str:
+    """A user's API token (the simple auth manager's generated password file has every user's)."""
+    password = json.loads((server["home"] / "simple_auth_manager_passwords.json.generated").read_text())[user]
+    status, body = call(f"{server['base']}/auth/token", "POST", {"username": user, "password": password})
+    assert status in (200, 201), body
+    return body["access_token"]
+
+
+def trigger(server: dict, conf: dict, token: str | None = None) -> str:
     # The test server keeps Airflow's metadata in SQLite: while the scheduler writes, the API server's
     # insert can fail with "database is locked" (a 500 "Database error", nothing created); try again.
     for attempt in range(5):
         status, run = call(f"{server['base']}/api/v2/dags/{DAG_ID}/dagRuns", "POST", {"logical_date": None, "conf": conf},
-                           server["token"])
+                           token or server["token"])
         if not (status >= 500 and "Database error" in str(run)):
             break
         time.sleep(2 * (attempt + 1))

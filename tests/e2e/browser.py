@@ -87,3 +87,26 @@ def trigger_from_form(server: dict, variants: list[dict], screenshot: Path) -> d
         return wait_for("the run the form triggered", new_run, timeout=60, every=1)
     finally:
         driver.quit()
+
+
+def answer_required_action(server: dict, token: str, run_id: str, option: str, comment: str, screenshot: Path) -> None:
+    """What a reviewer does: the run's `approve` task -> Required Action -> a comment -> Approve (or
+    Reject). Returns once the answer is recorded (read back through the REST API)."""
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+
+    base = server["base"]
+    driver = logged_in_chromium(base, token, "1400,1100")
+    try:
+        driver.get(f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/approve/required_actions")
+        wait = waiting(driver)
+        wait.until(lambda d: d.find_element(By.ID, "element_comment")).send_keys(comment)
+        button = wait.until(lambda d: (b := d.find_element(By.CSS_SELECTOR, f'[data-testid="hitl-option-{option}"]'))
+                            .is_enabled() and b)
+        driver.save_screenshot(str(screenshot))
+        button.click()
+        url = f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/approve/-1/hitlDetails"
+        wait_for("the answer to be recorded", lambda: call(url, token=token)[1].get("response_received"), timeout=60, every=1)
+    finally:
+        driver.quit()

@@ -2,8 +2,8 @@
 they read.
 
 Its config is tiny_test with a checkpoint every 10 steps and a progress line every 50 (neither
-changes an output: every run on it trains, answers and reports as on tiny_test itself, and the fault
-test can kill a fine-tune between two checkpoints), and the keras-hub export only: no test here is
+changes an output: every run on it trains and answers as on tiny_test itself, and the fault
+test can kill a fine-tune between two checkpoints), wide gate margins (below), and the keras-hub export only: no test here is
 about the Hugging Face or GGUF files, which tests/tasks/test_export.py and test_sweep_dag check in
 their runtimes. Its retries wait 3 s, not 15. Tests that share it are in one xdist group and take
 care not to depend on what ran before them. It has no schedule (`[gemma] schedule = none`): unpaused,
@@ -26,7 +26,13 @@ from tasks.pipeline.config import config_path
 from tests.e2e.airflow_api import dag_run, standalone, task_instances, trigger, unpause_when_parsed, wait_finished, wait_for
 from tests.e2e.browser import trigger_from_form
 
-SERVER_SETTINGS = {"checkpoint_every_steps": 10, "log_every_steps": 50, "export_formats": ["keras"]}
+# The gate's margins are wide: every run here passes the gate, whatever the tiny random model scores,
+# so a run that needs a person's approval really asks (the gate's rules: tests/tasks/test_report.py).
+SERVER_SETTINGS = {"checkpoint_every_steps": 10, "log_every_steps": 50, "export_formats": ["keras"],
+                   "gate_rouge_l_margin": 1.0, "gate_eos_rate_margin": 1.0, "gate_perplexity_margin": 100.0}
+# Its users (simple auth manager roles): alice triggers, bob reviews, carol and dave are viewers
+# (tests/e2e/test_approval.py refuses carol this DAG through an auth manager with per-DAG rules).
+USERS = {"admin": "admin", "alice": "user", "bob": "user", "carol": "viewer", "dave": "viewer"}
 # The sweep a person triggers from the trigger form (the README's example, two variants).
 SWEEP = [{"lora_rank": 2}, {"lora_rank": 4, "learning_rate": 0.003}]
 # The run whose fine-tune is killed: long enough to kill between two checkpoints (the server
@@ -39,7 +45,10 @@ def airflow_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("airflow-standalone")
     config = home / "standalone.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(config_path("tiny_test").read_text()), **SERVER_SETTINGS}))
-    with standalone(home, {"GEMMA_CONFIG": str(config), "GEMMA_RETRY_DELAY_S": "3", "GEMMA_SCHEDULE": "none"}) as server:
+    env = {"GEMMA_CONFIG": str(config), "GEMMA_RETRY_DELAY_S": "3", "GEMMA_SCHEDULE": "none",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items())}
+    with standalone(home, env) as server:
+        server["env"] = env
         unpause_when_parsed(server)
         yield server
 

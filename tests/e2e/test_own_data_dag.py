@@ -23,7 +23,12 @@ def run_dag(conf: dict, day: int):
 
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("gemma_lora_finetune")
     when = dt.datetime(2026, 4, day, 12, 0, tzinfo=dt.timezone.utc)
-    dag_run = dag.test(run_after=when, logical_date=when, run_conf={**SMALL, **conf})
+    # These runs choose their own data (judged keys): by default a person would approve their
+    # promotion, and dag.test() would wait for the answer. Here the team's own data is trusted (the
+    # approval itself is tested on the shared scheduler, tests/e2e/test_approval.py).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEMMA_PROMOTION_APPROVAL", "never")
+        dag_run = dag.test(run_after=when, logical_date=when, run_conf={**SMALL, **conf})
     return dag_run, run_dir_for(dag_run.run_id)
 
 
@@ -59,6 +64,10 @@ def test_alpaca_file_runs_through_the_dag(alpaca_run):
     assert {ti.task_id: ti.state for ti in dag_run.get_task_instances()}["snapshot_changed"] == "skipped"
     html = artifacts.report_path(run_dir).read_text()
     assert "<code>alpaca</code>" in html and "rows by category" not in html
+    # The run chose its data: judged, even where the policy lets it through without a person.
+    promotion = artifacts.read_metrics(run_dir)["promotion"]
+    assert {"dataset_source", "dataset_format", "heldout_examples"} <= set(promotion["judged_changes"])
+    assert promotion["policy"] == "never" and promotion["approval_required"] is False
     assert artifacts.read_train(run_dir)[0]["text"].startswith("Instruction:\n")
 
 

@@ -374,7 +374,7 @@ def test_asset_event_only_when_the_snapshot_changed(airflow_db, tmp_path, monkey
 
     def trigger(conf: dict | None = None) -> tuple[dict, list]:
         # Only snapshot and snapshot_changed run; the later stages are marked done.
-        run = dag.test(run_conf=conf or {}, mark_success_pattern="preprocess|finetune|generate|report|promote")
+        run = dag.test(run_conf=conf or {}, mark_success_pattern="preprocess|finetune|generate|report|approve|promote")
         states = {ti.task_id: ti.state for ti in run.get_task_instances()}
         with create_session() as session:
             events = [
