@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from tasks.infra.cli import stage_main
-from tasks.infra.settings import data_roots, hub_datasets
+from tasks.infra.settings import data_roots, hub_datasets, source_limits
 from tasks.modeling import preflight
 from tasks.pipeline import artifacts, sources, storage
 from tasks.pipeline.artifacts import SNAPSHOT as STAGE
@@ -44,7 +44,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
     kind, path = sources.source_of(cfg)
     # Where a run may read from, checked before a byte is read: a file inside [gemma] data_roots
     # (whoever may trigger the DAG chooses dataset_source), a hub dataset in [gemma] hub_datasets.
-    file_check = sources.check_file(Path(cfg.dataset_source), data_roots()) if kind == "file" else None
+    limits = source_limits()
+    file_check = sources.check_file(Path(cfg.dataset_source), data_roots(), limits) if kind == "file" else None
     if kind == "hub" and cfg.dataset_hub_id not in hub_datasets():
         raise sources.SnapshotError(f"dataset_hub_id {cfg.dataset_hub_id!r} is not one of the hub datasets this deployment "
                                     f"allows ([gemma] hub_datasets / GEMMA_HUB_DATASETS: {', '.join(hub_datasets())})")
@@ -57,11 +58,11 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
     def body(out: Path) -> dict:
         if kind == "hub":
-            records, validation, revision = sources.read_hub(cfg)
+            records, validation, revision = sources.read_hub(cfg, limits)
             source = f"hf://datasets/{cfg.dataset_hub_id}"
         else:
             log.info("snapshot: reading %s", path)
-            records, validation = sources.read_local(path, cfg, file_check[1] if file_check else os.stat(path))
+            records, validation = sources.read_local(path, cfg, file_check[1] if file_check else os.stat(path), limits)
             revision = f"file-sha256:{ident[:16]}"
             source = str(path)
         if not records:

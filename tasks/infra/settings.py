@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tasks.pipeline.artifacts import CHAMPION, CHAMPION_LOG, SNAPSHOT_STORE
 from tasks.pipeline.config import BUNDLED_DOLLY, Config
+from tasks.pipeline.sources import SourceLimits
 
 DAG_ID = "gemma_lora_finetune"
 # Longest folder name kept as the run id itself (filesystems allow 255 bytes).
@@ -113,6 +114,22 @@ def approval_timeout_h() -> int:
         raise ValueError(f"[gemma] approval_timeout_h / GEMMA_APPROVAL_TIMEOUT_H must be a whole number of hours "
                          f"from 1 to 8760, not {raw!r}")
     return int(raw)
+
+
+MAX_SOURCE_BYTES_DEFAULT = str(4 * 1024**3)
+MAX_SOURCE_ROWS_DEFAULT = "5000000"
+
+
+def source_limits() -> SourceLimits:
+    """[gemma] max_source_bytes (default 4 GiB) and [gemma] max_source_rows (default 5,000,000): the
+    largest dataset source a run reads (Dolly 15k: 13 MB, 15,011 rows)."""
+    values = []
+    for key, default in (("max_source_bytes", MAX_SOURCE_BYTES_DEFAULT), ("max_source_rows", MAX_SOURCE_ROWS_DEFAULT)):
+        raw = setting(key, default).strip().replace("_", "")
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"[gemma] {key} / GEMMA_{key.upper()} must be a positive whole number, not {raw!r}")
+        values.append(int(raw))
+    return SourceLimits(*values)
 
 
 def run_root() -> Path:

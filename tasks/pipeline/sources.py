@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 from urllib.parse import urlparse
@@ -33,9 +34,35 @@ class SnapshotError(storage.PermanentError):
     """The dataset could not be read; the message names the source, record and field."""
 
 
+@dataclass(frozen=True)
+class SourceLimits:
+    """The most a source may hold, checked before it is read where its size is known ahead (a file's
+    bytes, a Parquet file's or a hub split's rows) and while it is read otherwise. Deployment
+    settings (`[gemma] max_source_bytes`, `max_source_rows`), not Params: whoever triggers a run
+    cannot raise them."""
+    max_bytes: int
+    max_rows: int
+
+    def too_many_rows(self, source: str, rows: int) -> SnapshotError:
+        return SnapshotError(f"{source}: more than {self.max_rows:,} records ({rows:,} or more), the most a source may "
+                             "hold ([gemma] max_source_rows / GEMMA_MAX_SOURCE_ROWS); use a smaller file or have the "
+                             "deployment raise the limit")
+
+
 def jsonl_rows(f: BinaryIO, max_bytes: int) -> Iterator[tuple[str, object]]:
-    """(where, parsed object or BadRecord) for each non-blank line of an open binary file."""
-    for lineno, line in enumerate(f, start=1):
+    """(where, parsed object or BadRecord) for each non-blank line of an open binary file. A line is
+    read up to max_bytes (+ its line end) at a time: a longer one is a bad record whose rest is
+    skipped unread, so no line takes more memory than a good record could."""
+    lineno = 0
+    while line := f.readline(max_bytes + 2):
+        lineno += 1
+        if len(line) == max_bytes + 2 and not line.endswith(b"\n"):
+            size = len(line)
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                size += len(rest)
+            size += len(rest.rstrip(b"\r\n"))
+            yield f"line {lineno}", BadRecord("too_large", f"{size:,} bytes, more than max_record_bytes ({max_bytes:,})")
+            continue
         if not line.strip():
             continue  # a blank line (e.g. a trailing newline) is not a record
         yield f"line {lineno}", parse_line(line, max_bytes)
@@ -68,8 +95,8 @@ def object_rows(rows: Iterable[object], max_bytes: int) -> Iterator[tuple[str, o
         yield f"row {i}", raw
 
 
-def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config,
-            columns: list[str] | None = None) -> tuple[list[dict], dict]:
+def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config, columns: list[str] | None = None,
+            limits: SourceLimits | None = None) -> tuple[list[dict], dict]:
     """Normalize and validate every record under `bad_record_policy`; the good records (the shape of
     tasks.text.records) and a validation summary, which names the format (and says when `auto` chose it).
 
@@ -87,6 +114,8 @@ def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config,
     fmt, norm = cfg.dataset_format, None
     for where, raw in rows:
         rows_read += 1
+        if limits and rows_read > limits.max_rows:
+            raise limits.too_many_rows(source, rows_read)
         if norm is None and isinstance(raw, dict):
             try:
                 fmt = records_lib.detect(raw) if cfg.dataset_format == "auto" else cfg.dataset_format
@@ -150,9 +179,10 @@ def collect(rows: Iterable[tuple[str, object]], source: str, cfg: Config,
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def check_file(given: Path, roots: list[Path]) -> tuple[Path, os.stat_result]:
+def check_file(given: Path, roots: list[Path], limits: SourceLimits) -> tuple[Path, os.stat_result]:
     """The dataset file `given` (as the setting names it), resolved (symlinks followed), checked
-    before a byte of it is read: a supported suffix, inside one of `roots`, a regular file. Returns
+    before a byte of it is read: a supported suffix, inside one of `roots`, a regular file, no larger
+    than `limits.max_bytes`. Returns
     the resolved path and its stat, which the file later opened must still match. The errors name
     the setting and the value, never anything read from the file."""
     resolved = Path(os.path.realpath(given))
@@ -169,6 +199,9 @@ def check_file(given: Path, roots: list[Path]) -> tuple[Path, os.stat_result]:
         raise SnapshotError(f"dataset file not found: {given}") from None
     if not stat.S_ISREG(st.st_mode):
         raise SnapshotError(f"dataset_source {str(given)!r} is not a regular file")
+    if st.st_size > limits.max_bytes:
+        raise SnapshotError(f"dataset_source {str(given)!r} is {st.st_size:,} bytes, more than {limits.max_bytes:,}, the "
+                            "largest source read ([gemma] max_source_bytes / GEMMA_MAX_SOURCE_BYTES)")
     return resolved, st
 
 
@@ -187,38 +220,58 @@ def open_checked(path: Path, checked: os.stat_result) -> Iterator[BinaryIO]:
         yield f
 
 
-def read_local(path: Path, cfg: Config, checked: os.stat_result) -> tuple[list[dict], dict]:
+def read_local(path: Path, cfg: Config, checked: os.stat_result, limits: SourceLimits) -> tuple[list[dict], dict]:
     """A local file checked by `check_file`, by its suffix: JSON lines (.jsonl, and .json unless it
     holds one JSON array, as `datasets`' to_json writes lines), Parquet or CSV (every cell text; a
-    chat list as JSON text)."""
+    chat list as JSON text). Read as a stream (lines, Parquet batches, CSV rows): only a JSON array
+    is parsed whole, and check_file has bounded its size."""
     suffix = path.suffix.lower()
+    source, size = str(path), cfg.max_record_bytes
     with open_checked(path, checked) as f:
         if suffix == ".parquet":
             import pyarrow.parquet as pq  # comes with `datasets`
 
             try:
-                table = pq.read_table(f)
+                pf = pq.ParquetFile(f)
             except Exception as e:  # pyarrow raises several types for a broken file
                 raise SnapshotError(f"{path}: not a readable Parquet file ({e})") from e
-            return collect(object_rows(table.to_pylist(), cfg.max_record_bytes), str(path), cfg, table.column_names)
+            if pf.metadata.num_rows > limits.max_rows:
+                raise limits.too_many_rows(source, pf.metadata.num_rows)
+            return collect(object_rows(parquet_rows(pf, path), size), source, cfg, pf.schema_arrow.names, limits)
         if suffix == ".csv":
             import csv
 
+            reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
             try:
-                text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-                reader = csv.DictReader(text)
-                rows = list(reader)
                 columns = list(reader.fieldnames or [])
             except (UnicodeDecodeError, csv.Error) as e:
                 raise SnapshotError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
-            return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg, columns)
+            return collect(object_rows(csv_rows(reader, path), size), source, cfg, columns, limits)
         if suffix == ".json" and _starts_with(f, b"["):
             try:
                 rows = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SnapshotError(f"{path}: a JSON array that does not parse ({e}); JSON lines are read too") from e
-            return collect(object_rows(rows, cfg.max_record_bytes), str(path), cfg)
-        return collect(jsonl_rows(f, cfg.max_record_bytes), str(path), cfg)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise SnapshotError(f"{path}: a JSON array that does not parse ({type(e).__name__}); JSON lines are "
+                                    "read too") from None
+            return collect(object_rows(rows, size), source, cfg, None, limits)
+        return collect(jsonl_rows(f, size), source, cfg, None, limits)
+
+
+def parquet_rows(pf, path: Path, batch_rows: int = 1024) -> Iterator[dict]:
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+    except OSError as e:
+        raise SnapshotError(f"{path}: not a readable Parquet file ({e})") from e
+
+
+def csv_rows(reader, path: Path) -> Iterator[dict]:
+    import csv
+
+    try:
+        yield from reader
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SnapshotError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
 
 
 def _starts_with(f: BinaryIO, prefix: bytes) -> bool:
@@ -246,7 +299,7 @@ def check_hub_reachable(timeout_s: float) -> None:
         raise SnapshotError(f"the Hugging Face hub at {host}:{port} is unreachable ({e}); {hint}") from e
 
 
-def read_hub(cfg: Config) -> tuple[list[dict], dict, str]:
+def read_hub(cfg: Config, limits: SourceLimits) -> tuple[list[dict], dict, str]:
     check_hub_reachable(cfg.hub_timeout_s)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(cfg.hub_timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(cfg.hub_timeout_s)))
@@ -254,12 +307,19 @@ def read_hub(cfg: Config) -> tuple[list[dict], dict, str]:
     import huggingface_hub
 
     # Resolve a branch or tag to the commit it points at now, so the manifest names what was read.
-    info = huggingface_hub.HfApi().dataset_info(cfg.dataset_hub_id, revision=cfg.dataset_revision)
+    info = huggingface_hub.HfApi().dataset_info(cfg.dataset_hub_id, revision=cfg.dataset_revision, files_metadata=True)
     commit = info.sha or cfg.dataset_revision
+    # The repository's files as the hub lists them: a bound on the download, before it starts.
+    total = sum(f.size or 0 for f in info.siblings or [])
+    if total > limits.max_bytes:
+        raise SnapshotError(f"{cfg.dataset_hub_id}@{commit}: its files are {total:,} bytes, more than {limits.max_bytes:,}, "
+                            "the largest source read ([gemma] max_source_bytes / GEMMA_MAX_SOURCE_BYTES)")
     log.info("snapshot: downloading %s at commit %s", cfg.dataset_hub_id, commit)
     ds = datasets.load_dataset(cfg.dataset_hub_id, revision=commit, split=cfg.dataset_split)
-    records, validation = collect(object_rows(ds, cfg.max_record_bytes), f"{cfg.dataset_hub_id}@{commit}:{cfg.dataset_split}",
-                                  cfg, list(ds.column_names))
+    source = f"{cfg.dataset_hub_id}@{commit}:{cfg.dataset_split}"
+    if ds.num_rows > limits.max_rows:
+        raise limits.too_many_rows(source, ds.num_rows)
+    records, validation = collect(object_rows(ds, cfg.max_record_bytes), source, cfg, list(ds.column_names), limits)
     return records, validation, commit
 
 

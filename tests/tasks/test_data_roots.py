@@ -53,7 +53,7 @@ def test_a_symlink_in_a_root_to_a_file_outside_is_refused(roots):
     data, kaggle = roots
     (data / "innocent.jsonl").symlink_to(kaggle)
     with pytest.raises(SnapshotError, match="outside the data roots"):
-        sources.check_file(data / "innocent.jsonl", settings.data_roots())
+        sources.check_file(data / "innocent.jsonl", settings.data_roots(), settings.source_limits())
 
 
 def test_only_supported_suffixes_are_read(roots):
@@ -61,23 +61,23 @@ def test_only_supported_suffixes_are_read(roots):
     for name in ("notes.txt", "passwd", "model.h5"):
         (data / name).write_text("x")
         with pytest.raises(SnapshotError, match="is not read; the formats are .jsonl, .json, .parquet, .csv"):
-            sources.check_file(data / name, settings.data_roots())
+            sources.check_file(data / name, settings.data_roots(), settings.source_limits())
 
 
 def test_a_file_swapped_after_its_check_is_not_read(roots):
     data, kaggle = roots
     good = data / "d.jsonl"
     good.write_text(BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[0])
-    path, checked = sources.check_file(good, settings.data_roots())
+    path, checked = sources.check_file(good, settings.data_roots(), settings.source_limits())
     other = data / "other.jsonl"
     other.write_text("{}\n")
     os.replace(other, good)  # another file at the checked path
     with pytest.raises(SnapshotError, match="changed between its check and its reading"):
-        sources.read_local(path, load_config("tiny_test"), checked)
+        sources.read_local(path, load_config("tiny_test"), checked, settings.source_limits())
     good.unlink()
     good.symlink_to(kaggle)  # a symlink swapped in: never followed
     with pytest.raises(SnapshotError, match="could not be opened as the file checked"):
-        sources.read_local(path, load_config("tiny_test"), checked)
+        sources.read_local(path, load_config("tiny_test"), checked, settings.source_limits())
 
 
 def test_a_file_in_a_root_is_read_and_a_root_can_be_added(roots, tmp_path, monkeypatch):
@@ -102,3 +102,107 @@ def test_only_allowed_hub_datasets(roots, tmp_path, monkeypatch):
     assert settings.hub_datasets() == ["databricks/databricks-dolly-15k"]
     monkeypatch.setenv("GEMMA_HUB_DATASETS", "databricks/databricks-dolly-15k, someone/private-data")
     assert settings.hub_datasets() == ["databricks/databricks-dolly-15k", "someone/private-data"]
+
+
+# -- bounded sources: [gemma] max_source_bytes / max_source_rows, streamed reading ----------------
+
+def dolly_lines(n: int) -> list[str]:
+    return BUNDLED_DOLLY.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+
+
+def write_as(path, lines: list[str]):
+    rows = [json.loads(x) for x in lines]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def test_a_source_larger_than_max_source_bytes_is_refused_before_it_is_read(roots, tmp_path, monkeypatch):
+    data, _ = roots
+    src = write_as(data / "big.jsonl", dolly_lines(20))
+    monkeypatch.setenv("GEMMA_MAX_SOURCE_BYTES", "1000")
+    with pytest.raises(SnapshotError, match=rf"is {src.stat().st_size:,} bytes, more than 1,000, the largest source read "
+                                            r"\(\[gemma\] max_source_bytes / GEMMA_MAX_SOURCE_BYTES\)"):
+        snapshot.run(load_config("tiny_test", {"dataset_source": str(src)}), tmp_path / "root" / "runs" / "r1")
+    monkeypatch.setenv("GEMMA_MAX_SOURCE_BYTES", "lots")
+    with pytest.raises(ValueError, match="max_source_bytes / GEMMA_MAX_SOURCE_BYTES must be a positive whole number, not 'lots'"):
+        settings.source_limits()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet", ".json"])
+def test_a_source_with_more_rows_than_max_source_rows_is_refused_in_every_format(roots, tmp_path, monkeypatch, suffix):
+    data, _ = roots
+    src = write_as(data / f"rows{suffix}", dolly_lines(6))
+    cfg = load_config("tiny_test", {"dataset_source": str(src)})
+    monkeypatch.setenv("GEMMA_MAX_SOURCE_ROWS", "6")
+    assert snapshot.run(cfg, tmp_path / "root" / "runs" / "ok")["row_count"] == 6
+    monkeypatch.setenv("GEMMA_MAX_SOURCE_ROWS", "4")
+    with pytest.raises(SnapshotError, match=r"more than 4 records \((5|6) or more\), the most a source may hold "
+                                            r"\(\[gemma\] max_source_rows / GEMMA_MAX_SOURCE_ROWS\)"):
+        snapshot.run(cfg, tmp_path / "root" / "runs" / "r1")
+    assert not (tmp_path / "root" / "runs" / "r1" / "snapshot").exists()
+
+
+def test_a_huge_line_is_one_bad_record_read_in_bounded_memory(tmp_path):
+    """A 30 MB line is skipped in pieces (its size counted, never held whole) and the records after
+    it are read as usual."""
+    import tracemalloc
+
+    lines = dolly_lines(3)
+    src = tmp_path / "huge.jsonl"
+    with src.open("wb") as f:
+        f.write(lines[0].encode())
+        f.write(b'{"instruction": "' + b"x" * 30_000_000 + b'"}\n')
+        f.write("".join(lines[1:]).encode())
+    tracemalloc.start()
+    with src.open("rb") as f:
+        rows = list(sources.jsonl_rows(f, 100_000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [w for w, _ in rows] == ["line 1", "line 2", "line 3", "line 4"]
+    bad = rows[1][1]
+    assert isinstance(bad, sources.BadRecord) and bad.reason == "too_large" and "30,000,019 bytes" in bad.detail
+    assert all(isinstance(r, dict) for _, r in rows[:1] + rows[2:])
+    assert peak < 4_000_000, f"peak {peak:,} bytes while skipping a 30 MB line"
+
+
+# -- [gemma] model_roots: a local model_preset directory --------------------------------------------
+
+def test_a_model_preset_outside_the_model_roots_is_refused_by_the_first_task(tmp_path, monkeypatch):
+    from tasks.modeling import presets
+
+    models = tmp_path / "models"
+    (models / "mine").mkdir(parents=True)
+    (models / "mine" / "config.json").write_text("{}")
+    elsewhere = tmp_path / "team-b" / "checkpoint"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text('{"secret_field": 1}')
+    (models / "linked").symlink_to(elsewhere)
+    monkeypatch.setenv("GEMMA_MODELS_DIR", str(models))
+    monkeypatch.delenv("GEMMA_MODEL_ROOTS", raising=False)
+    assert presets.model_roots() == [models.resolve()]
+    presets.preflight(str(models / "mine"))  # inside: fine
+    for outside in (str(elsewhere), str(models / "linked"), "/etc"):
+        with pytest.raises(presets.ModelSourceError, match=r"is outside the model roots \(\[gemma\] model_roots / "
+                                                           r"GEMMA_MODEL_ROOTS") as e:
+            presets.preflight(outside)
+        assert "secret_field" not in str(e.value)
+    with pytest.raises(presets.ModelSourceError, match="outside the model roots"):
+        snapshot.run(load_config("tiny_test", {"model_preset": str(elsewhere)}), tmp_path / "runs" / "r1")
+    assert not (tmp_path / "runs" / "r1" / "snapshot").exists()
+    monkeypatch.setenv("GEMMA_MODEL_ROOTS", os.pathsep.join([str(models), str(tmp_path / "team-b")]))
+    presets.preflight(str(elsewhere))
+    with pytest.raises(presets.ModelSourceError, match="holds no keras-hub preset"):
+        presets.preflight(str(tmp_path / "team-b"))
