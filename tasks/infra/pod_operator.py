@@ -16,6 +16,8 @@ from tasks.infra.pod_settings import PodSettings, pod_settings
 
 POD_LABELS = {"app": "gemma-lora"}
 RUN_ROOT_VOLUME = "run-root"
+# The pod's writable scratch (an emptyDir): temp files, HOME and the libraries' caches.
+SCRATCH_VOLUME, SCRATCH = "scratch", "/tmp"
 BASE_CONTAINER = "base"
 
 
@@ -71,15 +73,25 @@ def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt
     }
     if s.mlflow_tracking_uri:
         env["GEMMA_MLFLOW_TRACKING_URI"] = s.mlflow_tracking_uri
+    # The image's filesystem is read-only: what a stage writes outside the run root (Python's and
+    # the libraries' caches, temp files) goes to the pod's own scratch volume, bounded by its
+    # ephemeral-storage limit.
+    env.update({"HOME": SCRATCH, "XDG_CACHE_HOME": f"{SCRATCH}/.cache", "KERAS_HOME": f"{SCRATCH}/.keras",
+                "MPLCONFIGDIR": f"{SCRATCH}/.matplotlib"})
+    # secretKeyRef: the values stay in the cluster, never in the DAG, a rendered template or a log.
     secrets = []
     if s.kaggle_secret:
-        # secretKeyRef: the values stay in the cluster, never in the DAG, a rendered template or a log.
-        secrets = [
+        secrets += [
             Secret("env", "KAGGLE_USERNAME", s.kaggle_secret, s.kaggle_username_key),
             Secret("env", "KAGGLE_KEY", s.kaggle_secret, s.kaggle_key_key),
         ]
+    if s.mlflow_secret:
+        secrets += [
+            Secret("env", "MLFLOW_TRACKING_USERNAME", s.mlflow_secret, s.mlflow_username_key),
+            Secret("env", "MLFLOW_TRACKING_PASSWORD", s.mlflow_secret, s.mlflow_password_key),
+        ]
     restricted = k8s.V1SecurityContext(
-        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])
+        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]), read_only_root_filesystem=True,
     )
     return KubernetesPodOperator(
         task_id=task_id,
@@ -98,9 +110,11 @@ def gpu_stage_operator(task_id: str, arguments: list[str], execution_timeout: dt
             k8s.V1Volume(
                 name=RUN_ROOT_VOLUME,
                 persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=s.pvc),
-            )
+            ),
+            k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=s.ephemeral_storage_limit)),
         ],
-        volume_mounts=[k8s.V1VolumeMount(name=RUN_ROOT_VOLUME, mount_path=s.run_root)],
+        volume_mounts=[k8s.V1VolumeMount(name=RUN_ROOT_VOLUME, mount_path=s.run_root),
+                       k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=SCRATCH)],
         node_selector=dict(s.node_selector),
         tolerations=[k8s.V1Toleration(**{_snake(k): v for k, v in t.items()}) for t in s.tolerations],
         # The provider adds dag_id, task_id, run_id and try_number labels itself.

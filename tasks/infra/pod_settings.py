@@ -18,7 +18,8 @@ from tasks.infra.settings import read, run_root
 
 # key -> (default, what it is). The README's settings table is this dict.
 SETTINGS: dict[str, tuple[str, str]] = {
-    "image": ("gemma-lora-pipeline:0.1.0", "training image built from docker/Dockerfile (push it and name it with its registry)"),
+    "image": ("gemma-lora-pipeline:0.1.0", "training image built from docker/Dockerfile (push it and name it with its "
+              "registry; by digest, name@sha256:..., the pods run exactly the image that was tested)"),
     "image_pull_policy": ("IfNotPresent", "Always, IfNotPresent or Never"),
     "image_pull_secret": ("", "Secret for a private registry; empty: none"),
     "namespace": ("gemma", "namespace the pods run in"),
@@ -30,6 +31,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "cpu_limit": ("8", "CPU limit; none: no limit"),
     "memory_request": ("32Gi", "memory request"),
     "memory_limit": ("32Gi", "memory limit; above it the container is OOMKilled; none: no limit"),
+    "ephemeral_storage_limit": ("20Gi", "node-local disk the pod may use (its /tmp and cache volumes, logs); above it "
+                                "the pod is evicted"),
     "node_selector": ("{}", "JSON object of node labels, e.g. {\"cloud.google.com/gke-accelerator\": \"nvidia-l4\"}"),
     "tolerations": (
         '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
@@ -46,8 +49,13 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "pool": ("default_pool", "Airflow pool the GPU tasks take a slot of (size a pool to your GPUs to bound all DAGs together)"),
     "on_finish_action": ("delete_pod", "delete_pod, delete_succeeded_pod, delete_active_pod or keep_pod (a kept pod that never started still holds its GPU)"),
     "allow_cpu": ("false", "let the stage continue on CPU when the pod sees no GPU"),
-    "mlflow_tracking_uri": ("", "MLflow tracking server the stages log to (the pods get it as GEMMA_MLFLOW_TRACKING_URI); empty: "
-                            "the SQLite store in the run root, which parallel pods cannot share"),
+    "mlflow_tracking_uri": ("", "MLflow tracking server the stages log to (the pods get it as GEMMA_MLFLOW_TRACKING_URI), "
+                            "without credentials in it (see mlflow_secret); empty: the SQLite store in the run root, which "
+                            "parallel pods cannot share"),
+    "mlflow_secret": ("", "Secret with the tracking server's credentials: the pods get MLFLOW_TRACKING_USERNAME and "
+                      "MLFLOW_TRACKING_PASSWORD from it (secretKeyRef); empty: none"),
+    "mlflow_username_key": ("username", "key in that Secret for MLFLOW_TRACKING_USERNAME"),
+    "mlflow_password_key": ("password", "key in that Secret for MLFLOW_TRACKING_PASSWORD"),
     "run_as_user": ("50000", "uid of the stage (the image's user, like the official Airflow image)"),
     "fs_group": ("0", "group that owns the run-root volume (gid 0, like the official Airflow image)"),
 }
@@ -88,6 +96,10 @@ class PodSettings:
     on_finish_action: str
     allow_cpu: bool
     mlflow_tracking_uri: str
+    mlflow_secret: str
+    mlflow_username_key: str
+    mlflow_password_key: str
+    ephemeral_storage_limit: str
     run_as_user: int
     fs_group: int
 
@@ -199,6 +211,14 @@ def pod_settings() -> PodSettings:
             raise fail("tolerations", "operator Equal/Exists and effect NoSchedule/PreferNoSchedule/NoExecute")
 
     kaggle_secret = text("kaggle_secret", _DNS_SUBDOMAIN, optional=True)
+    mlflow_secret = text("mlflow_secret", _DNS_SUBDOMAIN, optional=True)
+    tracking_uri = text("mlflow_tracking_uri", re.compile(r"^[a-z][a-z0-9+.-]*://\S+$"), optional=True)
+    if re.match(r"^[a-z][a-z0-9+.-]*://[^/?#@]+@", tracking_uri):
+        # A pod's env is plain text in its spec (the Rendered Template view shows it).
+        raise PodSettingError(f"pod setting mlflow_tracking_uri ({raw['mlflow_tracking_uri'][1]}): credentials in the URI "
+                              "would reach the pods' plain env; put them in the Secret named by mlflow_secret")
+    quantity("ephemeral_storage_limit")
+    limits["ephemeral-storage"] = raw["ephemeral_storage_limit"][0]
     return PodSettings(
         image=image,
         image_pull_policy=choice("image_pull_policy", ("Always", "IfNotPresent", "Never")),
@@ -224,7 +244,11 @@ def pod_settings() -> PodSettings:
             if raw[f"{stage}_timeout"][0]
         },
         max_parallel_pods=whole("max_parallel_pods", 1, 1024),
-        mlflow_tracking_uri=text("mlflow_tracking_uri", re.compile(r"^[a-z][a-z0-9+.-]*://\S+$"), optional=True),
+        mlflow_tracking_uri=tracking_uri,
+        mlflow_secret=mlflow_secret,
+        mlflow_username_key=text("mlflow_username_key", re.compile(r"^[-._a-zA-Z0-9]+$")) if mlflow_secret else "",
+        mlflow_password_key=text("mlflow_password_key", re.compile(r"^[-._a-zA-Z0-9]+$")) if mlflow_secret else "",
+        ephemeral_storage_limit=raw["ephemeral_storage_limit"][0],
         pool=text("pool", re.compile(r"^[A-Za-z0-9_.-]{1,256}$")),
         on_finish_action=choice("on_finish_action", ("delete_pod", "delete_succeeded_pod", "delete_active_pod", "keep_pod")),
         allow_cpu=allow_cpu,

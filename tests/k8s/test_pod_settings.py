@@ -33,7 +33,7 @@ def test_defaults():
     s = pod_settings()
     assert s.image == "gemma-lora-pipeline:0.1.0" and s.namespace == "gemma"
     assert s.requests == {"cpu": "4", "memory": "32Gi"}
-    assert s.limits == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    assert s.limits == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1", "ephemeral-storage": "20Gi"}
     assert s.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert s.node_selector == {} and s.pvc == "gemma-runs" and s.kaggle_secret == "kaggle-credentials"
     assert (s.startup_timeout, s.on_finish_action, s.allow_cpu) == (900, "delete_pod", False)

@@ -303,10 +303,11 @@ def test_dag_parses_in_kubernetes_mode_with_the_same_tasks_and_edges(k8s_dag_mod
     k8s = parse_in_subprocess(kubernetes_env())
     local = parse_in_subprocess({"GEMMA_RUNNER": "local"})
     assert k8s["errors"] == {} and k8s["ml"] == []
-    chain = [[a, b] for a, b in zip(STAGES, STAGES[1:])]
+    with_approval = list(STAGES[:-1]) + ["approve", STAGES[-1]]
+    chain = [[a, b] for a, b in zip(with_approval, with_approval[1:])]
     extra = [["snapshot", "snapshot_changed"], ["sweep", "generate"], ["generate", "report"]]
     assert k8s["edges"] == local["edges"] == sorted(chain + extra)
-    assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*STAGES, "snapshot_changed"])
+    assert sorted(k8s["tasks"]) == sorted(local["tasks"]) == sorted([*STAGES, "snapshot_changed", "approve"])
     pods = (*GPU_STAGES, "export")  # export merges the model where the memory is
     assert {t: k8s["tasks"][t] for t in pods} == {t: "KubernetesPodOperator" for t in pods}
     assert all(k8s["tasks"][t] == local["tasks"][t] for t in STAGES if t not in pods)
@@ -369,3 +370,55 @@ def test_pods_take_the_runs_retries_setting(monkeypatch):
     for task in dag.tasks:
         assert (task.task_id, task.retries, task.retry_delay) == (task.task_id, 4, dt.timedelta(seconds=40))
     assert {type(dag.get_task(s)).__name__ for s in GPU_STAGES} == {"KubernetesPodOperator"}
+
+
+def test_tracking_credentials_come_from_a_secret_and_never_in_the_uri(monkeypatch):
+    """[gemma] mlflow_secret: the pods get MLflow's basic-auth env from a Secret (secretKeyRef); a
+    tracking URI with credentials in it is refused, naming the setting (it would be plain env)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in kubernetes_env().items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GEMMA_MLFLOW_TRACKING_URI", "https://mlflow.ml.svc")
+    monkeypatch.setenv("GEMMA_MLFLOW_SECRET", "mlflow-credentials")
+    dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+    for stage in GPU_STAGES:
+        task = dag.get_task(stage)
+        refs = {s.deploy_target: (s.secret, s.key) for s in task.secrets}
+        assert refs["MLFLOW_TRACKING_USERNAME"] == ("mlflow-credentials", "username")
+        assert refs["MLFLOW_TRACKING_PASSWORD"] == ("mlflow-credentials", "password")
+        assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & {e.name for e in task.env_vars}
+
+    from tasks.infra.pod_settings import PodSettingError, pod_settings
+
+    monkeypatch.setenv("GEMMA_MLFLOW_TRACKING_URI", "https://ml:s3cret@mlflow.ml.svc")
+    with pytest.raises(PodSettingError, match=r"mlflow_tracking_uri \(GEMMA_MLFLOW_TRACKING_URI\): credentials in the URI") as e:
+        pod_settings()
+    assert "s3cret" not in str(e.value)
+
+
+def test_the_image_filesystem_is_read_only_and_scratch_is_bounded(k8s_dag_module):
+    """readOnlyRootFilesystem on every container; the stage's temp files, HOME and caches on an
+    emptyDir at /tmp; an ephemeral-storage limit on the pod (and the emptyDir's size)."""
+    dag, _ = k8s_dag_module
+    _, pod = render_pod(dag, "finetune", RUN_ID, None)
+    for c in pod.spec.containers:
+        assert c.security_context.read_only_root_filesystem is True, c.name
+    base = pod.spec.containers[0]
+    scratch = {v.name: v for v in pod.spec.volumes}["scratch"]
+    assert scratch.empty_dir.size_limit == "20Gi"
+    assert {m.mount_path: m.name for m in base.volume_mounts}["/tmp"] == "scratch"
+    env = {e.name: e.value for e in base.env}
+    assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"].startswith("/tmp/") and env["KERAS_HOME"].startswith("/tmp/")
+    assert base.resources.limits["ephemeral-storage"] == "20Gi"
+
+
+@pytest.mark.parametrize("image", ["registry.example/gemma-lora-pipeline@sha256:" + "ab" * 32,
+                                   "registry.example:5000/ml/gemma-lora-pipeline:0.1.0@sha256:" + "0f" * 32])
+def test_the_image_can_be_pinned_by_digest(monkeypatch, image):
+    from tasks.infra.pod_settings import pod_settings
+
+    for key, value in kubernetes_env().items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GEMMA_IMAGE", image)
+    assert pod_settings().image == image
