@@ -25,11 +25,13 @@ setup: $(VENV)/.installed
 # Bytecode is compiled at install time: where PYTHONDONTWRITEBYTECODE is set, Python never caches it,
 # and every process (each Airflow task, each test subprocess) would compile TensorFlow's sources again
 # (`import tensorflow` 16 s instead of 7 s on 2 cores).
+# The locks carry every distribution's sha256: a package whose file differs from the one locked is
+# refused (--require-hashes).
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip --version > /dev/null 2>&1 || $(PY) -m ensurepip > /dev/null
 	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install -q --compile-bytecode -p $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install -q --compile-bytecode --require-hashes -p $(PY) -r requirements.lock
 	$(VENV)/bin/uv pip install -q -p $(PY) --no-deps -e .
 	touch $@
 
@@ -42,13 +44,16 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
 # uv rebuilds the sdist whenever its cached index entry expires (about 8 minutes on 2 cores), so the
 # wheel is built once per version and build flags into a wheelhouse outside the checkout, which a
 # fresh clone (CI) installs from.
-LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements-parity.lock)
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' requirements-parity.lock)
 WHEELHOUSE := $(HOME)/.cache/gemma-lora-pipeline/wheels/llama-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
+# The sdist is checked against the lock's hash; the wheel built from it has a hash of its own, so
+# it is installed by name from the wheelhouse and every other package with its locked hash.
 $(WHEELHOUSE)/.built:
 	mkdir -p $(WHEELHOUSE)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELHOUSE) \
-	  llama-cpp-python==$(LLAMA_VERSION)
+	$(PY) scripts/lock_entries.py requirements-parity.lock --only llama-cpp-python > $(WHEELHOUSE)/llama.lock
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps --require-hashes \
+	  -w $(WHEELHOUSE) -r $(WHEELHOUSE)/llama.lock
 	touch $@
 
 # `make parity`: the runtimes alone, so that the next `make demo` checks its Hugging Face and GGUF
@@ -56,7 +61,10 @@ $(WHEELHOUSE)/.built:
 parity: $(VENV)/.parity
 
 $(VENV)/.parity: requirements-parity.lock $(VENV)/.installed $(WHEELHOUSE)/.built
-	$(VENV)/bin/uv pip install -q --compile-bytecode -p $(PY) --find-links $(WHEELHOUSE) -r requirements-parity.lock
+	$(PY) scripts/lock_entries.py requirements-parity.lock --without llama-cpp-python > $(VENV)/parity-hashed.lock
+	$(VENV)/bin/uv pip install -q --compile-bytecode --require-hashes -p $(PY) -r $(VENV)/parity-hashed.lock
+	$(VENV)/bin/uv pip install -q --compile-bytecode --no-deps --no-index -p $(PY) --find-links $(WHEELHOUSE) \
+	  llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
 $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed

@@ -102,7 +102,7 @@ def test_dockerfile_matches_the_lock_and_the_runner():
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, re.M).group(1)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base  # pinned, no :latest
     assert dockerfile.count("FROM ${PYTHON_IMAGE}") == 2
-    assert "-r requirements.lock -r requirements-cuda.txt" in dockerfile and "--no-deps" in dockerfile
+    assert "--require-hashes -r requirements.lock -r requirements-cuda.txt" in dockerfile and "--no-deps" in dockerfile
     user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
     assert user and (user.group(1), user.group(2)) == (default("run_as_user"), default("fs_group"))
     assert int(user.group(1)) != 0
@@ -110,8 +110,8 @@ def test_dockerfile_matches_the_lock_and_the_runner():
 
     lock = (REPO / "requirements.lock").read_text()
     cuda = (DOCKER / "requirements-cuda.txt").read_text()
-    tf_lock = re.search(r"^tensorflow==(\S+)$", lock, re.M).group(1)
-    assert re.search(r"^tensorflow\[and-cuda\]==(\S+)$", cuda, re.M).group(1) == tf_lock
+    tf_lock = re.search(r"^tensorflow==(\S+) \\$", lock, re.M).group(1)
+    assert re.search(r"^tensorflow\[and-cuda\]==(\S+) \\$", cuda, re.M).group(1) == tf_lock
     # The CUDA pins are the minimums that this TensorFlow declares for its and-cuda extra.
     assert importlib.metadata.version("tensorflow") == tf_lock
     wanted = {}
@@ -119,8 +119,21 @@ def test_dockerfile_matches_the_lock_and_the_runner():
         m = re.match(r"(nvidia-[a-z0-9-]+)<[^,]+,>=(\S+); extra == \"and-cuda\"", req)
         if m:
             wanted[m.group(1)] = m.group(2)
-    pinned = dict(re.findall(r"^(nvidia-[a-z0-9-]+)==(\S+)$", cuda, re.M))
+    pinned = dict(re.findall(r"^(nvidia-[a-z0-9-]+)==(\S+) \\$", cuda, re.M))
     assert wanted and pinned == wanted
+
+
+def test_every_lock_carries_hashes_and_is_installed_with_them():
+    """Each package of requirements.lock, requirements-parity.lock and the image's CUDA file has a
+    sha256, and make setup, make parity and the image install with --require-hashes."""
+    for path in (REPO / "requirements.lock", REPO / "requirements-parity.lock", DOCKER / "requirements-cuda.txt"):
+        text = path.read_text()
+        entries = re.split(r"^(?=[A-Za-z0-9][A-Za-z0-9._\[\]-]*==)", text, flags=re.M)[1:]
+        assert entries, path
+        bare = [e.split()[0] for e in entries if "--hash=sha256:" not in e]
+        assert bare == [], f"{path.name}: no hash for {bare}"
+    makefile = (REPO / "Makefile").read_text()
+    assert makefile.count("--require-hashes") >= 3  # setup, the parity lock, the llama.cpp sdist
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies():
