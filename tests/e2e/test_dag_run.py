@@ -52,8 +52,9 @@ def test_dag_test_runs_every_stage(dag_run):
     # The Asset leaf succeeds (an event) when the snapshot changed, else it is skipped (no event); the
     # run root is shared by this session's tests, so which one depends on what ran before.
     changed = artifacts.read_snapshot_manifest(run_dir)["changed"]
+    # A trusted run (only training keys changed): the approve task asks no one, it is skipped.
     assert states == {**{s: "success" for s in STAGES}, **{s: expected_promote_state(run_dir) for s in GATED},
-                      "snapshot_changed": "success" if changed else "skipped"}
+                      "snapshot_changed": "success" if changed else "skipped", "approve": "skipped"}
     html = artifacts.report_path(run_dir).read_text()
     assert "What should I do on a trip to Europe?" in html
 
