@@ -67,11 +67,14 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
 
     import keras
 
-    from tasks.modeling.presets import load_causal_lm
+    from tasks.modeling.presets import load_causal_lm, resolve_preset
 
     train = artifacts.read_train(run_dir)
     heldout = artifacts.read_heldout(run_dir)[: cfg.eval_examples]
-    # Seed before the model (and its tokenizer) is built.
+    # The model's files first (a download, an import, a tiny model's build: some draw random numbers),
+    # then the seed, before the model (and its tokenizer) is built: the adapter is the same whether
+    # the files were cached or not (a pod with an empty cache trains what the worker would).
+    resolve_preset(cfg.model_preset, cfg.models_dir)
     keras.utils.set_random_seed(cfg.training_seed)
     # A checkpoint is resumed only by the same inputs on the same engine.
     key = f"{fp}/{engine['dtype_policy']}/xla={engine['jit_compile']}/{engine['max_widths']}"
