@@ -18,7 +18,7 @@ export GEMMA_MODELS_DIR ?= $(CURDIR)/.cache/models
 export GEMMA_RUN_ROOT ?= $(CURDIR)/artifacts
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup parity browser demo test check ui chat mlflow clean
+.PHONY: setup parity browser demo test test-image check ui chat mlflow clean image
 
 setup: $(VENV)/.installed
 
@@ -91,6 +91,14 @@ mlflow: $(VENV)/.installed
 	  --backend-store-uri sqlite:///$(GEMMA_RUN_ROOT)/mlflow.db --default-artifact-root $(GEMMA_RUN_ROOT)/mlartifacts
 
 # Headless Chromium and its driver from Debian, for the browser test of the report tab.
+# The stage image (docker/Dockerfile) in its flavours: gpu (the kubernetes runner's pods) and cpu (no
+# CUDA wheels; pods on a machine without a GPU). podman or docker, whichever works here; an image whose
+# inputs did not change is not built again; the base comes from docker/build-base.sh where Docker Hub
+# cannot be reached.
+IMAGE_FLAVOURS ?= gpu cpu
+image:
+	@for flavour in $(IMAGE_FLAVOURS); do docker/build-image.sh $$flavour || exit 1; done
+
 browser:
 	@command -v chromium > /dev/null && command -v chromedriver > /dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null)
@@ -98,8 +106,17 @@ browser:
 # The whole suite, every tier (tests/README.md): two xdist workers on a 2-core machine, a test
 # module's tests on one worker, the tests sharing a server in one group.
 PYTEST_WORKERS ?= 2
-test: $(VENV)/.installed $(VENV)/.parity browser
+test: $(VENV)/.installed $(VENV)/.parity browser test-image
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The image tier runs the operator's pods in podman: Debian's podman and runc (configured by
+# docker/containers.conf through CONTAINERS_CONF, /etc stays as it is) and the cpu image, built
+# before pytest starts (or reused while its inputs are unchanged; the first build takes minutes).
+test-image:
+	@command -v podman > /dev/null && command -v runc > /dev/null && command -v debootstrap > /dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap > /dev/null)
+	@start=$$(date +%s); CONTAINERS_CONF=$(CURDIR)/docker/containers.conf docker/build-image.sh cpu > /dev/null; \
+	  echo "cpu image ready in $$(( $$(date +%s) - start )) s"
 
 # The edit loop: the unit and model tiers (no Airflow server, no parity runtimes, no real model).
 check: $(VENV)/.installed

@@ -102,11 +102,12 @@ def test_dockerfile_matches_the_lock_and_the_runner():
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, re.M).group(1)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base  # pinned, no :latest
     assert dockerfile.count("FROM ${PYTHON_IMAGE}") == 2
-    assert "--require-hashes -r requirements.lock -r requirements-cuda.txt" in dockerfile and "--no-deps" in dockerfile
+    assert 'gpu) cuda="-r requirements-cuda.txt"' in dockerfile and "--require-hashes -r requirements.lock ${cuda}" in dockerfile
+    assert "--no-deps" in dockerfile
     user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
     assert user and (user.group(1), user.group(2)) == (default("run_as_user"), default("fs_group"))
     assert int(user.group(1)) != 0
-    assert re.search(r'RUN python -c "import importlib.metadata as md, tasks, keras_hub, tensorflow', dockerfile)
+    assert re.search(r'RUN FLAVOUR="\$\{FLAVOUR\}" python -c "import os, importlib.metadata as md, tasks, keras_hub, tensorflow', dockerfile)
 
     lock = (REPO / "requirements.lock").read_text()
     cuda = (DOCKER / "requirements-cuda.txt").read_text()
