@@ -42,8 +42,8 @@ os.environ["GEMMA_DATA_ROOTS"] = os.pathsep.join([str(REPO / "tasks" / "data"), 
 
 
 # Every test carries exactly one of these (pyproject.toml describes them; tests/README.md has the
-# commands and times): `make check` runs unit and model, `make test` all four.
-TIERS = ("unit", "model", "e2e", "real")
+# commands and times): `make check` runs unit and model, `make test` all five.
+TIERS = ("unit", "model", "e2e", "real", "image")
 
 
 def _shares_module_state(item) -> bool:

@@ -7,6 +7,11 @@ Pending -> scheduled -> containers running -> base terminated (sidecar still up)
 Succeeded/Failed. `secretKeyRef` env is resolved against `secrets`; a missing Secret or key leaves
 the container waiting in CreateContainerConfigError, as on a cluster.
 
+With `podman_run_root`, a created pod is not played but run: the Pod as the operator sent it is
+started with `podman kube play` (tests/k8s/podman.py: its run-root claim mounted as that host folder,
+the Secrets it references made podman secrets), and its status, log lines, exit code and XCom come
+from the containers (`podman inspect`, `podman logs`, `cat` in the sidecar).
+
 Not here: the XCom sidecar's websocket exec (tests stub the provider's two exec calls with
 `read_xcom` and `kill_sidecar`), and pod watches (the provider's synchronous path polls instead).
 """
@@ -89,8 +94,10 @@ class _Running:
 
 
 class FakeKubeAPI:
-    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]] | None = None):
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]] | None = None,
+                 podman_run_root: str | None = None, workdir: Path | None = None):
         self.secrets = secrets or {}
+        self.podman_run_root, self.workdir = podman_run_root, workdir
         self.pods: dict[tuple[str, str], _Running] = {}
         self.deleted: list[str] = []
         self.created: list[dict] = []  # request bodies, as sent
@@ -133,6 +140,8 @@ class FakeKubeAPI:
             return run.xcom if run.xcom is not None else EMPTY_XCOM
 
     def kill_sidecar(self, namespace: str, name: str) -> None:
+        if self.podman_run_root:
+            self._podman_down(name)
         with self._cond:
             run = self.pods[(namespace, name)]
             self._set_state(run, SIDECAR, {"terminated": {"exitCode": 0, "reason": "Completed",
@@ -175,6 +184,69 @@ class FakeKubeAPI:
             run.log.append((_now(), line))
             self._cond.notify_all()
 
+    # -- podman mode ---------------------------------------------------------------------------
+    def _podman_down(self, name: str) -> None:
+        from tests.k8s import podman
+
+        path = self.workdir / f"{name}.yaml"
+        if path.is_file():
+            podman.podman("kube", "down", str(path), check=False, timeout=120)
+            path.unlink()
+
+    def _run_in_podman(self, run: _Running) -> None:
+        """The pod's containers in podman, its status and log lines read back from them."""
+        from tests.k8s import podman
+
+        meta = run.pod["metadata"]
+        for env in run.pod["spec"]["containers"][0].get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref and (meta["namespace"], ref["name"]) in self.secrets:
+                podman.create_secret(ref["name"], self.secrets[(meta["namespace"], ref["name"])])
+            elif ref:
+                podman.podman("secret", "rm", ref["name"], check=False)  # a Secret the cluster lacks
+        path = self.workdir / f"{meta['name']}.yaml"
+        path.write_text(json.dumps(podman.for_podman(run.pod, self.podman_run_root)))
+        played = podman.podman("kube", "play", str(path), check=False, timeout=300)
+        base = podman.container(meta["name"])
+        if played.returncode != 0:
+            with self._cond:
+                reason = played.stderr.strip().splitlines()[-1] if played.stderr.strip() else "kube play failed"
+                self._set_state(run, "base", {"waiting": {"reason": "CreateContainerError", "message": reason}})
+                self._event(run, "Failed", f"Error: {reason}", "Warning")
+                self._touch(run)
+            return
+        with self._cond:
+            for c in run.pod["spec"]["containers"]:
+                self._set_state(run, c["name"], {"running": {"startedAt": _ts(_now())}})
+            run.pod["status"].update(phase="Running", startTime=_ts(_now()), podIP="10.88.0.7")
+            self._event(run, "Started", "Started container base")
+            self._touch(run)
+        seen = 0
+        while True:
+            state = podman.podman("inspect", base, "--format", "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}",
+                                  check=False).stdout.split()
+            lines = podman.logs(base).splitlines()
+            for line in lines[seen:]:
+                self._log(run, line)
+            seen = len(lines)
+            if not state or state[0] in ("exited", "stopped"):
+                break
+            time.sleep(0.5)
+        code = int(state[1]) if state else 1
+        with self._cond:
+            if code == 0:
+                out = podman.podman("exec", podman.container(meta["name"], SIDECAR), "cat", "/airflow/xcom/return.json",
+                                    check=False)
+                run.xcom = out.stdout if out.returncode == 0 and out.stdout.strip() else None
+            terminated = {"exitCode": code,
+                          "reason": "OOMKilled" if state and state[2] == "true" else ("Completed" if code == 0 else "Error"),
+                          "startedAt": _ts(_now()), "finishedAt": _ts(_now())}
+            if code != 0:
+                terminated["message"] = "\n".join(line for _, line in run.log[-80:])[-2048:]
+            self._set_state(run, "base", {"terminated": terminated})
+            run.base_done = True
+            self._touch(run)
+
     def _run_pod(self, run: _Running) -> None:
         spec, meta = run.pod["spec"], run.pod["metadata"]
         time.sleep(0.05)
@@ -193,6 +265,8 @@ class FakeKubeAPI:
             base = spec["containers"][0]
             for env in base.get("env") or []:
                 ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and self.podman_run_root:
+                    continue  # podman resolves it, or fails with its own message
                 if ref:
                     data = self.secrets.get((meta["namespace"], ref["name"]))
                     if data is None or ref["key"] not in data:
@@ -204,6 +278,9 @@ class FakeKubeAPI:
                     run.env[env["name"]] = data[ref["key"]]
                 elif "value" in env:
                     run.env[env["name"]] = env["value"]
+        if self.podman_run_root:
+            return self._run_in_podman(run)
+        with self._cond:
             for c in spec["containers"]:
                 self._set_state(run, c["name"], {"running": {"startedAt": _ts(_now())}})
             run.pod["status"].update(phase="Running", startTime=_ts(_now()), podIP="10.0.0.7")
@@ -327,6 +404,8 @@ class FakeKubeAPI:
                         run.pod["metadata"]["deletionTimestamp"] = _ts(_now())
                         api._cond.notify_all()
                     self._send(200, run.pod)
+                if method == "DELETE" and api.podman_run_root:
+                    api._podman_down(name)
 
             def _logs(self, ns: str, name: str, q: dict) -> None:
                 with api._cond:
