@@ -30,6 +30,19 @@ def kubernetes_env() -> dict[str, str | None]:
     return {"GEMMA_RUNNER": "kubernetes", "GEMMA_CONFIG": None}
 
 
+def parse_kubernetes_dag(monkeypatch, **settings: str):
+    """The DAG parsed afresh as a kubernetes-mode dag-processor would, with these GEMMA_* settings."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in kubernetes_env().items():
+        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    bag = DagBag(dag_folder=str(DAG_FILE))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
 @pytest.fixture(scope="module")
 def k8s_dag_module():
     """(DAG from a DagBag parse, the DAG file as a module) with GEMMA_RUNNER=kubernetes."""

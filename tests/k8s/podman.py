@@ -48,12 +48,53 @@ def image(flavour: str = "cpu") -> str:
     return "localhost/" + out.stdout.strip().splitlines()[-1]
 
 
+def ready_image(flavour: str = "cpu") -> str:
+    """The image, on a podman that works (else the test fails, saying what to install)."""
+    import pytest
+
+    if podman("info", check=False).returncode != 0:
+        pytest.fail("podman does not work here: make test installs and configures it (docs/production.md)")
+    return image(flavour)
+
+
+def shared_run_root(parent: Path) -> Path:
+    """A run root the pods' uid 50000 (group 0) can write, as a cluster's shared volume is; what the
+    worker writes in it must be group-writable (umask 002), as the Airflow image's uid 50000 leaves it."""
+    root = parent / "run-root"
+    root.mkdir()
+    os.chown(root, 50000, 0)
+    root.chmod(0o2775)
+    return root
+
+
 def create_secret(name: str, data: dict[str, str]) -> None:
     """A Kubernetes Secret as podman 4.3's `kube play` reads one for `secretKeyRef`."""
     podman("secret", "rm", name, check=False)
     payload = json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
     subprocess.run(["podman", "secret", "create", name, "-"], input=payload, text=True, check=True, capture_output=True,
                    env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)})
+
+
+def pod_settings_env(run_root: Path, image: str, **more: str) -> dict[str, str]:
+    """The [gemma] pod settings for a CPU pod from `image` on this machine (no GPU, nothing to pull)."""
+    return {"GEMMA_RUNNER": "kubernetes", "GEMMA_RUN_ROOT": str(run_root), "GEMMA_IMAGE": image,
+            "GEMMA_IMAGE_PULL_POLICY": "Never", "GEMMA_GPU_COUNT": "0", "GEMMA_ALLOW_CPU": "true",
+            "GEMMA_CPU_REQUEST": "1", "GEMMA_CPU_LIMIT": "2", "GEMMA_MEMORY_REQUEST": "4Gi", "GEMMA_MEMORY_LIMIT": "8Gi",
+            **more}
+
+
+def wire_operator(mp, api, workdir: Path) -> None:
+    """Point the operator's Kubernetes connection at the loopback API `api` (a FakeKubeAPI), with the
+    XCom sidecar from a local image (its default, alpine, cannot be pulled here). The provider reads
+    the XCom file and stops the sidecar through a websocket exec, which the loopback API does not
+    serve: the same two steps go to the API, which does them with podman in the sidecar."""
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
+
+    mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {
+        "kube_config_path": str(api.write_kubeconfig(workdir / "kubeconfig", "gemma")),
+        "xcom_sidecar_container_image": BASE_IMAGE}}))
+    mp.setattr(PodManager, "extract_xcom_json", lambda self, pod: api.read_xcom(pod.metadata.namespace, pod.metadata.name))
+    mp.setattr(PodManager, "extract_xcom_kill", lambda self, pod: api.kill_sidecar(pod.metadata.namespace, pod.metadata.name))
 
 
 def for_podman(manifest: dict, run_root: str) -> dict:

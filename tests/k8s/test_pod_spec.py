@@ -20,7 +20,7 @@ from kubernetes.client import ApiClient, V1Pod
 from kubernetes.utils import parse_quantity
 
 from tasks.pipeline.artifacts import STAGES
-from tests.k8s.conftest import DAG_FILE, DAG_ID, GPU_STAGES, REPO, RUN_ID, kubernetes_env, task_context
+from tests.k8s.conftest import DAG_FILE, DAG_ID, GPU_STAGES, REPO, RUN_ID, kubernetes_env, parse_kubernetes_dag, task_context
 
 pytestmark = pytest.mark.unit
 
@@ -240,13 +240,7 @@ def test_each_mapped_pod_carries_its_own_variant(k8s_dag_module, stage, tmp_path
 
 def test_sweep_pods_are_bounded_by_a_setting_and_a_pool(monkeypatch):
     """max_parallel_pods and pool reach both GPU operators (checked on a fresh parse)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    for key, value in kubernetes_env().items():
-        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
-    monkeypatch.setenv("GEMMA_MAX_PARALLEL_PODS", "2")
-    monkeypatch.setenv("GEMMA_POOL", "gpu_pool")
-    dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+    dag = parse_kubernetes_dag(monkeypatch, GEMMA_MAX_PARALLEL_PODS="2", GEMMA_POOL="gpu_pool")
     for stage in GPU_STAGES:
         op = dag.get_task(stage)
         assert (op.max_active_tis_per_dag, op.pool) == (2, "gpu_pool")
@@ -375,13 +369,8 @@ def test_pods_take_the_runs_retries_setting(monkeypatch):
 def test_tracking_credentials_come_from_a_secret_and_never_in_the_uri(monkeypatch):
     """[gemma] mlflow_secret: the pods get MLflow's basic-auth env from a Secret (secretKeyRef); a
     tracking URI with credentials in it is refused, naming the setting (it would be plain env)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    for key, value in kubernetes_env().items():
-        monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
-    monkeypatch.setenv("GEMMA_MLFLOW_TRACKING_URI", "https://mlflow.ml.svc")
-    monkeypatch.setenv("GEMMA_MLFLOW_SECRET", "mlflow-credentials")
-    dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
+    dag = parse_kubernetes_dag(monkeypatch, GEMMA_MLFLOW_TRACKING_URI="https://mlflow.ml.svc",
+                               GEMMA_MLFLOW_SECRET="mlflow-credentials")
     for stage in GPU_STAGES:
         task = dag.get_task(stage)
         refs = {s.deploy_target: (s.secret, s.key) for s in task.secrets}

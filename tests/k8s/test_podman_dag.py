@@ -14,7 +14,6 @@ What is compared, and what is not (the same seed, data and config both ways):
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
 
@@ -38,13 +37,10 @@ TIMING = {"seconds", "batch_seconds", "generation_seconds", "wall_seconds", "sta
 def run_dag(runner: str, run_root: Path, image: str, workdir: Path, day: int, config: Path):
     """dag.test() of the DAG parsed with `runner`; (the DagRun, its run folder)."""
     from airflow.dag_processing.dagbag import DagBag
-    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
 
     from tasks.infra.settings import run_dir_for
 
-    env = {"GEMMA_RUNNER": runner, "GEMMA_CONFIG": str(config), "GEMMA_RUN_ROOT": str(run_root),
-           "GEMMA_IMAGE": image, "GEMMA_IMAGE_PULL_POLICY": "Never", "GEMMA_GPU_COUNT": "0", "GEMMA_ALLOW_CPU": "true",
-           "GEMMA_CPU_REQUEST": "1", "GEMMA_CPU_LIMIT": "2", "GEMMA_MEMORY_REQUEST": "4Gi", "GEMMA_MEMORY_LIMIT": "8Gi"}
+    env = podman.pod_settings_env(run_root, image, GEMMA_RUNNER=runner, GEMMA_CONFIG=str(config))
     api = FakeKubeAPI(secrets={("gemma", "kaggle-credentials"): {"username": FAKE_KAGGLE_USERNAME, "key": FAKE_KAGGLE_KEY}},
                       podman_run_root=str(run_root), workdir=workdir).start()
     old_umask = os.umask(0o002)  # the worker's files are group-writable, as the Airflow image's uid 50000 / gid 0 makes them
@@ -52,13 +48,7 @@ def run_dag(runner: str, run_root: Path, image: str, workdir: Path, day: int, co
         with pytest.MonkeyPatch.context() as mp:
             for key, value in env.items():
                 mp.setenv(key, value)
-            mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {
-                "kube_config_path": str(api.write_kubeconfig(workdir / "kubeconfig", "gemma")),
-                "xcom_sidecar_container_image": podman.BASE_IMAGE}}))
-            # The provider reads the XCom file and stops the sidecar through a websocket exec, which the
-            # loopback API does not serve: the same two steps, done by podman in the sidecar.
-            mp.setattr(PodManager, "extract_xcom_json", lambda self, pod: api.read_xcom(pod.metadata.namespace, pod.metadata.name))
-            mp.setattr(PodManager, "extract_xcom_kill", lambda self, pod: api.kill_sidecar(pod.metadata.namespace, pod.metadata.name))
+            podman.wire_operator(mp, api, workdir)
             bag = DagBag(dag_folder=str(DAG_FILE))
             assert bag.import_errors == {}
             when = dt.datetime(2026, 12, day, 9, 0, tzinfo=dt.timezone.utc)
@@ -71,13 +61,8 @@ def run_dag(runner: str, run_root: Path, image: str, workdir: Path, day: int, co
 
 @pytest.fixture(scope="module")
 def both_runs(airflow_db, tmp_path_factory):
-    if podman.podman("info", check=False).returncode != 0:
-        pytest.fail("podman does not work here: make test installs and configures it (docs/production.md)")
-    image = podman.image("cpu")
-    shared = tmp_path_factory.mktemp("k8s-shared") / "run-root"
-    shared.mkdir()
-    os.chown(shared, 50000, 0)
-    shared.chmod(0o2775)
+    image = podman.ready_image("cpu")
+    shared = podman.shared_run_root(tmp_path_factory.mktemp("k8s-shared"))
     # tiny_test with wide gate margins: the gate passes whatever the tiny model scores, so export runs
     # in its pod and promote promotes (the gate's own rules are tests/tasks/test_report.py's). A config
     # named by path must be where the pods see it too: on the shared volume.

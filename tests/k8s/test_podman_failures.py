@@ -7,7 +7,6 @@ a stage that fails in the pod."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -31,13 +30,8 @@ def prepared(tmp_path_factory):
     from tasks import preprocess, snapshot, sweep
     from tasks.pipeline.config import load_config
 
-    if podman.podman("info", check=False).returncode != 0:
-        pytest.fail("podman does not work here: make test installs and configures it (docs/production.md)")
-    image = podman.image("cpu")
-    root = tmp_path_factory.mktemp("failures") / "run-root"
-    root.mkdir()
-    os.chown(root, 50000, 0)
-    root.chmod(0o2775)
+    image = podman.ready_image("cpu")
+    root = podman.shared_run_root(tmp_path_factory.mktemp("failures"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEMMA_RUN_ROOT", str(root))
         from tasks.infra.settings import run_dir_for
@@ -58,20 +52,14 @@ def run_finetune_pod(prepared, tmp_path, monkeypatch, *, image: str | None = Non
                      startup_timeout: int = 120) -> tuple[Exception | None, str]:
     """Execute the DAG's finetune task (its KubernetesPodOperator) against podman; (error, task log)."""
     from airflow.dag_processing.dagbag import DagBag
-    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
 
     api = FakeKubeAPI(secrets=secrets, podman_run_root=str(prepared["root"]), workdir=tmp_path).start()
     try:
-        for key, value in {"GEMMA_RUNNER": "kubernetes", "GEMMA_CONFIG": "tiny_test", "GEMMA_RUN_ROOT": str(prepared["root"]),
-                           "GEMMA_IMAGE": image or prepared["image"], "GEMMA_IMAGE_PULL_POLICY": "Never",
-                           "GEMMA_GPU_COUNT": "0", "GEMMA_ALLOW_CPU": "true", "GEMMA_CPU_REQUEST": "1",
-                           "GEMMA_MEMORY_REQUEST": "4Gi", "GEMMA_STARTUP_TIMEOUT": str(startup_timeout)}.items():
+        env = podman.pod_settings_env(prepared["root"], image or prepared["image"], GEMMA_CONFIG="tiny_test",
+                                      GEMMA_STARTUP_TIMEOUT=str(startup_timeout))
+        for key, value in env.items():
             monkeypatch.setenv(key, value)
-        monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps({"conn_type": "kubernetes", "extra": {
-            "kube_config_path": str(api.write_kubeconfig(tmp_path / "kubeconfig", "gemma")),
-            "xcom_sidecar_container_image": podman.BASE_IMAGE}}))
-        monkeypatch.setattr(PodManager, "extract_xcom_json", lambda self, pod: api.read_xcom(pod.metadata.namespace, pod.metadata.name))
-        monkeypatch.setattr(PodManager, "extract_xcom_kill", lambda self, pod: api.kill_sidecar(pod.metadata.namespace, pod.metadata.name))
+        podman.wire_operator(monkeypatch, api, tmp_path)
         dag = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID]
         op = copy.deepcopy(dag.get_task("finetune"))
         op.startup_check_interval_seconds = 0.5

@@ -28,29 +28,18 @@ SMALL = {"num_examples": 16, "heldout_examples": 8, "eval_examples": 4, "heldout
 
 @pytest.fixture(scope="module")
 def cpu_image() -> str:
-    if podman.podman("info", check=False).returncode != 0:
-        pytest.fail("podman does not work here: make test installs and configures it (docs/production.md)")
-    return podman.image("cpu")
+    return podman.ready_image("cpu")
 
 
 @pytest.fixture(scope="module")
 def shared_run_root(tmp_path_factory) -> Path:
-    """A run root the pods' uid 50000 (group 0) can write, as on a cluster's shared volume; what the
-    worker writes there is group-writable (umask 002), as the Airflow image's uid 50000 / gid 0 does."""
-    root = tmp_path_factory.mktemp("shared") / "runs-root"
-    root.mkdir()
-    os.chown(root, 50000, 0)
-    root.chmod(0o2775)
-    return root
+    return podman.shared_run_root(tmp_path_factory.mktemp("shared"))
 
 
 def kubernetes_dag(monkeypatch, run_root: Path, image: str):
     from airflow.dag_processing.dagbag import DagBag
 
-    for key, value in {"GEMMA_RUNNER": "kubernetes", "GEMMA_CONFIG": "tiny_test", "GEMMA_RUN_ROOT": str(run_root),
-                       "GEMMA_IMAGE": image, "GEMMA_IMAGE_PULL_POLICY": "Never", "GEMMA_GPU_COUNT": "0",
-                       "GEMMA_ALLOW_CPU": "true", "GEMMA_CPU_REQUEST": "1", "GEMMA_CPU_LIMIT": "2",
-                       "GEMMA_MEMORY_REQUEST": "4Gi", "GEMMA_MEMORY_LIMIT": "8Gi"}.items():
+    for key, value in podman.pod_settings_env(run_root, image, GEMMA_CONFIG="tiny_test").items():
         monkeypatch.setenv(key, value)
     bag = DagBag(dag_folder=str(DAG_FILE))
     assert bag.import_errors == {}
