@@ -1,6 +1,6 @@
 """The Pod the KubernetesPodOperator builds, run for real: the project's CPU image in podman
 (`podman kube play`, tests/k8s/podman.py), the run root a folder the worker shares with the pod,
-the Kaggle credentials a Secret, the securityContext as the operator sets it.
+the Kaggle and tracking credentials Secrets, the securityContext as the operator sets it.
 
 The worker side (snapshot, preprocess, sweep) runs here in-process, as the kubernetes runner runs it;
 then the `finetune` pod the DAG (parsed with runner = kubernetes) would send trains the adapter inside
@@ -39,7 +39,8 @@ def shared_run_root(tmp_path_factory) -> Path:
 def kubernetes_dag(monkeypatch, run_root: Path, image: str):
     from airflow.dag_processing.dagbag import DagBag
 
-    for key, value in podman.pod_settings_env(run_root, image, GEMMA_CONFIG="tiny_test").items():
+    for key, value in podman.pod_settings_env(run_root, image, GEMMA_CONFIG="tiny_test",
+                                              GEMMA_MLFLOW_SECRET="mlflow-credentials").items():
         monkeypatch.setenv(key, value)
     bag = DagBag(dag_folder=str(DAG_FILE))
     assert bag.import_errors == {}
@@ -99,6 +100,7 @@ def test_the_operators_finetune_pod_trains_in_the_cpu_image_as_uid_50000(cpu_ima
     assert base["image"] == cpu_image and sidecar["image"] == podman.BASE_IMAGE
     assert base["securityContext"]["readOnlyRootFilesystem"] is True and manifest["spec"]["securityContext"]["runAsUser"] == 50000
     podman.create_secret("kaggle-credentials", {"username": "fake-user", "key": "fake-key"})
+    podman.create_secret("mlflow-credentials", {"username": "fake-tracker", "password": "fake-tracking-pw"})
 
     with podman.played(podman.for_podman(manifest, str(shared_run_root)), tmp_path) as pod:
         code = podman.wait_exit(podman.container(pod), timeout=600)
@@ -106,8 +108,14 @@ def test_the_operators_finetune_pod_trains_in_the_cpu_image_as_uid_50000(cpu_ima
         assert code == 0, log[-3000:]
         result = podman.xcom(pod)
         user = podman.podman("inspect", podman.container(pod), "--format", "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}").stdout.split()
+        env = podman.podman("inspect", podman.container(pod), "--format", "{{json .Config.Env}}").stdout
 
     assert user == ["50000:0", "true"]
+    # Both Secrets reached the container as env, from the secrets (the Pod spec names only the Secrets).
+    for pair in ("KAGGLE_USERNAME=fake-user", "KAGGLE_KEY=fake-key", "MLFLOW_TRACKING_USERNAME=fake-tracker",
+                 "MLFLOW_TRACKING_PASSWORD=fake-tracking-pw"):
+        assert pair in env
+    assert "fake-tracking-pw" not in json.dumps(manifest)
     assert "finetune: step" in log and "stage finetune: published" in log
     adapter = Path(result["adapter"])
     assert adapter.is_file() and adapter.is_relative_to(run_dir) and adapter.stat().st_uid == 50000
