@@ -52,11 +52,12 @@ else
   fi
   "$engine" "${args[@]}" . >&2
   echo "build-image.sh: built $hashed in $(( $(date +%s) - started )) s" >&2
-  # One image per flavour: older builds of this flavour go (each is several GB), and the build stage.
-  "$engine" image prune -f > /dev/null 2>&1 || true
-  for old in $("$engine" images --format '{{.Repository}}:{{.Tag}}' | grep -E "gemma-lora-pipeline:${flavour}-[0-9a-f]{12}$" | grep -v ":${flavour}-${inputs}$" || true); do
-    "$engine" rmi -f "$old" > /dev/null 2>&1 || true
-  done
 fi
 "$engine" tag "$hashed" "$name"
+# One image per flavour: older builds of this flavour go (each is several GB), and what no tag names
+# any more (the build stage, an image the plain name has moved from).
+for old in $("$engine" images --format '{{.Repository}}:{{.Tag}}' | grep -E "gemma-lora-pipeline:${flavour}-[0-9a-f]{12}$" | grep -v ":${flavour}-${inputs}$" || true); do
+  "$engine" rmi -f "$old" > /dev/null 2>&1 || true
+done
+"$engine" image prune -f > /dev/null 2>&1 || true
 echo "$name"
