@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from statistics import fmean
+from statistics import fmean, pstdev
 
 from tasks.text import prompt_template
 
@@ -81,15 +81,29 @@ def rouge_l_many(predictions: list[str], references: list[str]) -> list[float]:
     return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
 
+# Two-sided 5% test at 80% power: z(0.975) + z(0.80).
+MDE_Z = 1.959964 + 0.841621
+
+
+def minimum_detectable_effect(stats: list[float]) -> float:
+    """The smallest true change a two-sided test at 5% would find with 80% power, from the bootstrap
+    distribution of the paired statistic: (z(0.975) + z(0.8)) times its standard deviation, the
+    bootstrap's standard error of the change."""
+    return MDE_Z * pstdev(stats)
+
+
 def bootstrap_delta_ci(base: list[float], tuned: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Paired bootstrap of mean(tuned - base): the same examples are resampled for both models."""
+    """Paired bootstrap of mean(tuned - base): the same examples are resampled for both models; with
+    the minimum detectable effect at 80% power (`mde_80`) from the same resamples."""
     if len(base) != len(tuned) or not base:
         raise ValueError("bootstrap needs two equally long, non-empty score lists")
     diffs = [t - b for b, t in zip(base, tuned)]
     rng = random.Random(seed)
     n = len(diffs)
-    low, high = percentile_interval([fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(resamples)], level)
-    return {"mean": round(fmean(diffs), 5), "low": round(low, 5), "high": round(high, 5), "n": n, "level": level}
+    stats = [fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(resamples)]
+    low, high = percentile_interval(stats, level)
+    return {"mean": round(fmean(diffs), 5), "low": round(low, 5), "high": round(high, 5), "n": n, "level": level,
+            "mde_80": round(minimum_detectable_effect(stats), 5)}
 
 
 def percentile_interval(stats: list[float], level: float) -> tuple[float, float]:
@@ -128,12 +142,13 @@ def bootstrap_perplexity_ci(base: list[dict], tuned: list[dict], resamples: int 
     low, high = percentile_interval(deltas, level)
     pb, pt = ppl(sum(lb), sum(tok)), ppl(sum(lt), sum(tok))
     return {"base": round(pb, 4), "tuned": round(pt, 4), "mean": round(pt - pb, 4), "low": round(low, 4),
-            "high": round(high, 4), "n": n, "level": level}
+            "high": round(high, 4), "n": n, "level": level, "mde_80": round(minimum_detectable_effect(deltas), 4)}
 
 
 def significance(ci: dict | None, higher_is_better: bool) -> str:
     """A change in words from its confidence interval: better or worse only when the interval
-    excludes zero."""
+    excludes zero. "No significant change" says what the test could have found (its minimum
+    detectable effect at 80% power): an underpowered test and evidence of no effect read apart."""
     if not ci:
         return "not measured"
     pct = f"{ci['level']:.0%}"
@@ -141,6 +156,8 @@ def significance(ci: dict | None, higher_is_better: bool) -> str:
         return f"better, significant at {pct}" if higher_is_better else f"worse, significant at {pct}"
     if ci["high"] < 0:
         return f"worse, significant at {pct}" if higher_is_better else f"better, significant at {pct}"
+    if "mde_80" in ci:
+        return f"no significant change; this test could only detect changes above {ci['mde_80']:g} (80% power, n = {ci['n']})"
     return "no significant change"
 
 

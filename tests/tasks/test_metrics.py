@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -102,7 +103,8 @@ def test_perplexity_ci_is_paired_token_weighted_and_seeded():
     rng.shuffle(shuffled)
     noisy = metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example(shuffled, tokens), seed=1)
     assert noisy["low"] < 0 < noisy["high"]
-    assert metrics.significance(noisy, higher_is_better=False) == "no significant change"
+    assert metrics.significance(noisy, higher_is_better=False) == (
+        f"no significant change; this test could only detect changes above {noisy['mde_80']:g} (80% power, n = 60)")
     assert noisy == metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example(shuffled, tokens), seed=1)
     with pytest.raises(ValueError, match="same examples"):
         metrics.bootstrap_perplexity_ci(per_example(base, tokens), per_example(base, [t + 1 for t in tokens]))
@@ -120,3 +122,19 @@ def test_significance_words_follow_the_interval_and_the_direction():
     assert metrics.significance(down, higher_is_better=False) == "better, significant at 95%"
     assert metrics.significance(across, higher_is_better=True) == "no significant change"
     assert metrics.significance(None, higher_is_better=True) == "not measured"
+
+
+@pytest.mark.parametrize("n", [32, 1000])
+def test_no_significant_change_says_what_the_test_could_have_found(n):
+    """The same noise, no true change: at n = 32 the test could only have found a large change, at
+    n = 1,000 a small one, and the words say which (the minimum detectable effect at 80% power is
+    (z(0.975) + z(0.8)) = 2.80 times the paired difference's standard error, here 0.1 / sqrt(n))."""
+    rng = random.Random(7)
+    noise = [rng.gauss(0.0, 0.1) for _ in range(n)]
+    noise = [x - sum(noise) / n for x in noise]  # mean exactly 0: no effect
+    spread = (sum(x * x for x in noise) / n) ** 0.5
+    ci = metrics.bootstrap_delta_ci([0.0] * n, noise)
+    assert ci["low"] < 0 < ci["high"]
+    assert ci["mde_80"] == pytest.approx(2.8016 * spread / math.sqrt(n), rel=0.1)
+    words = metrics.significance(ci, higher_is_better=True)
+    assert words == f"no significant change; this test could only detect changes above {ci['mde_80']:g} (80% power, n = {n})"
