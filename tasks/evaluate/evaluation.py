@@ -100,6 +100,15 @@ def gate(cfg: Config, m: dict) -> dict:
             "passed": pb is not None and pt is not None and pt <= pb * (1 + cfg.gate_perplexity_margin),
         },
     ]
+    if cfg.gate_require_significant:
+        # The margins allow "no worse than"; this asks for evidence of better.
+        for check, ci, better in ((checks[0], m["heldout"]["rouge_l_delta_ci"], lambda c: c["low"] > 0),
+                                  (checks[2], m["perplexity"]["delta_ci"], lambda c: c["high"] < 0)):
+            significant = bool(ci) and better(ci)
+            check["rule"] += " and significantly better (95% interval of the change)"
+            check["passed"] = check["passed"] and significant
+            if not significant:
+                check["note"] = "not significantly better: gate_require_significant asks for the interval to exclude zero"
     for c in checks:
         if c["base"] is None or c["tuned"] is None:
             c["note"] = "not measured in this run (no held-out examples): counts as failed"

@@ -227,6 +227,9 @@ class Config:
                                       stages=(EXPORT, REPORT), range=(0.0, 1.0), trust=JUDGED)
     gate_perplexity_margin: float = key(0.05, "gate: tuned held-out response perplexity <= base x (1 + margin)",
                                         stages=(EXPORT, REPORT), range=(0.0, 100.0), trust=JUDGED)
+    gate_require_significant: bool = key(
+        False, "gate: the ROUGE-L and perplexity checks pass only on an improvement significant at 95% (the interval "
+        "wholly on the better side of zero), not only within their margins", stages=(EXPORT, REPORT), trust=JUDGED)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -138,3 +138,19 @@ def test_no_significant_change_says_what_the_test_could_have_found(n):
     assert ci["mde_80"] == pytest.approx(2.8016 * spread / math.sqrt(n), rel=0.1)
     words = metrics.significance(ci, higher_is_better=True)
     assert words == f"no significant change; this test could only detect changes above {ci['mde_80']:g} (80% power, n = {n})"
+
+
+def test_the_gate_can_require_a_significant_improvement():
+    """gate_require_significant (off by default): within the margins is not enough, the ROUGE-L and
+    perplexity intervals must lie wholly on the better side of zero."""
+    m = _m((0.20, 0.25), (0.1, 0.8), (10.0, 9.0))
+    m["heldout"]["rouge_l_delta_ci"] = {"low": -0.01, "high": 0.11, "mean": 0.05, "n": 32, "level": 0.95}
+    m["perplexity"]["delta_ci"] = {"low": -1.9, "high": -0.2, "mean": -1.0, "n": 32, "level": 0.95}
+    assert gate(load_config("tiny_test"), m)["passed"]  # the default: margins only
+    strict = gate(load_config("tiny_test", {"gate_require_significant": "true"}), m)
+    assert [c["passed"] for c in strict["checks"]] == [False, True, True] and not strict["passed"]
+    assert "not significantly better" in strict["checks"][0]["note"] and "significantly better" in strict["checks"][0]["rule"]
+    m["heldout"]["rouge_l_delta_ci"]["low"] = 0.01
+    assert gate(load_config("tiny_test", {"gate_require_significant": "true"}), m)["passed"]
+    m["perplexity"]["delta_ci"] = None  # not measured: no evidence
+    assert not gate(load_config("tiny_test", {"gate_require_significant": "true"}), m)["passed"]
