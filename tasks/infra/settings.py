@@ -71,15 +71,20 @@ RETRIES_DEFAULT = "2"
 RETRY_DELAY_DEFAULT_S = "15"
 
 
+def whole_number(key: str, default: str, lo: int, hi: int | None = None) -> int:
+    """A `[gemma]` setting that is a whole number in [lo, hi] (`_` may group digits); the error names
+    the setting, both its names and the value."""
+    raw = setting(key, default).strip()
+    digits = raw.replace("_", "")
+    if not digits.isdigit() or int(digits) < lo or (hi is not None and int(digits) > hi):
+        bounds = f"from {lo:,} to {hi:,}" if hi is not None else f"of at least {lo:,}"
+        raise ValueError(f"[gemma] {key} / GEMMA_{key.upper()} must be a whole number {bounds}, not {raw!r}")
+    return int(digits)
+
+
 def retries() -> tuple[int, int]:
     """([gemma] retries, [gemma] retry_delay_s), checked: 0-10 retries, 1-3600 s apart."""
-    out = []
-    for key, default, top in (("retries", RETRIES_DEFAULT, 10), ("retry_delay_s", RETRY_DELAY_DEFAULT_S, 3600)):
-        raw = setting(key, default)
-        if not raw.isdigit() or not (key == "retries" or int(raw) >= 1) or int(raw) > top:
-            raise ValueError(f"[gemma] {key} / GEMMA_{key.upper()} must be a whole number up to {top}, not {raw!r}")
-        out.append(int(raw))
-    return out[0], out[1]
+    return whole_number("retries", RETRIES_DEFAULT, 0, 10), whole_number("retry_delay_s", RETRY_DELAY_DEFAULT_S, 1, 3600)
 
 
 SCHEDULE_DEFAULT = "@weekly"
@@ -109,11 +114,7 @@ def promotion_approval() -> str:
 
 def approval_timeout_h() -> int:
     """[gemma] approval_timeout_h: hours a promotion waits for a person; then it is not promoted."""
-    raw = setting("approval_timeout_h", APPROVAL_TIMEOUT_DEFAULT_H).strip()
-    if not raw.isdigit() or not 1 <= int(raw) <= 8760:
-        raise ValueError(f"[gemma] approval_timeout_h / GEMMA_APPROVAL_TIMEOUT_H must be a whole number of hours "
-                         f"from 1 to 8760, not {raw!r}")
-    return int(raw)
+    return whole_number("approval_timeout_h", APPROVAL_TIMEOUT_DEFAULT_H, 1, 8760)
 
 
 MAX_SOURCE_BYTES_DEFAULT = str(4 * 1024**3)
@@ -123,13 +124,8 @@ MAX_SOURCE_ROWS_DEFAULT = "5000000"
 def source_limits() -> SourceLimits:
     """[gemma] max_source_bytes (default 4 GiB) and [gemma] max_source_rows (default 5,000,000): the
     largest dataset source a run reads (Dolly 15k: 13 MB, 15,011 rows)."""
-    values = []
-    for key, default in (("max_source_bytes", MAX_SOURCE_BYTES_DEFAULT), ("max_source_rows", MAX_SOURCE_ROWS_DEFAULT)):
-        raw = setting(key, default).strip().replace("_", "")
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"[gemma] {key} / GEMMA_{key.upper()} must be a positive whole number, not {raw!r}")
-        values.append(int(raw))
-    return SourceLimits(*values)
+    return SourceLimits(whole_number("max_source_bytes", MAX_SOURCE_BYTES_DEFAULT, 1),
+                        whole_number("max_source_rows", MAX_SOURCE_ROWS_DEFAULT, 1))
 
 
 def run_root() -> Path:

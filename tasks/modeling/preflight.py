@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from tasks.infra.settings import setting
+from tasks.infra.settings import whole_number
 from tasks.pipeline.config import Config, ConfigError
 from tasks.pipeline.variants import plan_variants, variant_config
 
@@ -53,17 +53,18 @@ def planned_tokens(cfg: Config, suite_prompts: int) -> dict[str, int]:
 
 
 def check_budget(cfg: Config, suite_prompts: int) -> dict[str, int]:
-    raw = setting("max_run_tokens", MAX_RUN_TOKENS_DEFAULT)
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"[gemma] max_run_tokens / GEMMA_MAX_RUN_TOKENS must be a whole number above 0, not {raw!r}")
+    try:
+        budget = whole_number("max_run_tokens", MAX_RUN_TOKENS_DEFAULT, 1)
+    except ValueError as e:  # a ConfigError fails the first task at once
+        raise ConfigError(str(e)) from None
     tokens = planned_tokens(cfg, suite_prompts)
-    if tokens["total"] > int(raw):
+    if tokens["total"] > budget:
         raise ConfigError(
             f"this run plans {tokens['total']:,} tokens (training {tokens['training']:,}, held-out scoring "
             f"{tokens['scoring']:,}, generation {tokens['generation']:,}), more than [gemma] max_run_tokens "
-            f"({int(raw):,}): lower epochs, num_examples, sequence_length or the number of variants, or ask for a "
+            f"({budget:,}): lower epochs, num_examples, sequence_length or the number of variants, or ask for a "
             "higher max_run_tokens")
-    return {**tokens, "max_run_tokens": int(raw)}
+    return {**tokens, "max_run_tokens": budget}
 
 
 def check(cfg: Config) -> dict:

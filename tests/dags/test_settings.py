@@ -55,3 +55,22 @@ def test_no_other_module_reads_the_gemma_section_or_its_env():
         if re.search(r"conf\.get\(\s*\"gemma\"|environ(\.get\(|\[)\s*(f\"GEMMA_\{|\"GEMMA_(RUN_ROOT|MLFLOW|RETR|SCHEDULE|RUNNER|CONFIG))", text):
             readers.append(str(path.relative_to(TASKS)))
     assert readers == ["infra/settings.py"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("retries", "11", "[gemma] retries / GEMMA_RETRIES must be a whole number from 0 to 10, not '11'"),
+    ("retry_delay_s", "0", "[gemma] retry_delay_s / GEMMA_RETRY_DELAY_S must be a whole number from 1 to 3,600, not '0'"),
+    ("approval_timeout_h", "a week", "[gemma] approval_timeout_h / GEMMA_APPROVAL_TIMEOUT_H must be a whole number from 1 to 8,760"),
+    ("max_source_rows", "-5", "[gemma] max_source_rows / GEMMA_MAX_SOURCE_ROWS must be a whole number of at least 1, not '-5'"),
+])
+def test_a_whole_number_setting_out_of_range_is_named_with_its_bounds(monkeypatch, key, value, message):
+    monkeypatch.setenv(f"GEMMA_{key.upper()}", value)
+    with pytest.raises(ValueError) as e:
+        {"retries": settings.retries, "retry_delay_s": settings.retries, "approval_timeout_h": settings.approval_timeout_h,
+         "max_source_rows": settings.source_limits}[key]()
+    assert str(e.value).startswith(message)
+
+
+def test_a_whole_number_setting_may_group_its_digits(monkeypatch):
+    monkeypatch.setenv("GEMMA_MAX_SOURCE_ROWS", "1_000_000")
+    assert settings.source_limits().max_rows == 1_000_000

@@ -137,7 +137,7 @@ def test_a_source_larger_than_max_source_bytes_is_refused_before_it_is_read(root
                                             r"\(\[gemma\] max_source_bytes / GEMMA_MAX_SOURCE_BYTES\)"):
         snapshot.run(load_config("tiny_test", {"dataset_source": str(src)}), tmp_path / "root" / "runs" / "r1")
     monkeypatch.setenv("GEMMA_MAX_SOURCE_BYTES", "lots")
-    with pytest.raises(ValueError, match="max_source_bytes / GEMMA_MAX_SOURCE_BYTES must be a positive whole number, not 'lots'"):
+    with pytest.raises(ValueError, match="max_source_bytes / GEMMA_MAX_SOURCE_BYTES must be a whole number of at least 1, not 'lots'"):
         settings.source_limits()
 
 
