@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     with common.PeakRss() as load_mem:
         lm = load_causal_lm(base.model_preset, base.models_dir)
         if args.adapter:
-            adapter.load(lm, Path(args.adapter), base.lora_rank)
+            adapter.load(lm, Path(args.adapter))
     load_s = time.time() - t
     out = {
         "benchmark": "generation",

@@ -31,7 +31,7 @@ def load(champion: dict):
         return keras_hub.models.CausalLM.from_preset(export["keras"]), f"merged preset {export['keras']}"
     from tasks.serving.export_keras import tuned_model
 
-    lm = tuned_model(champion["model_preset"], "", champion["lora_rank"], Path(champion["adapter"]))
+    lm = tuned_model(champion["model_preset"], "", Path(champion["adapter"]))
     return lm, f"{champion['model_preset']} + adapter {champion['adapter']}"
 
 

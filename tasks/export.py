@@ -24,6 +24,7 @@ from pathlib import Path
 from tasks.pipeline import artifacts, storage
 from tasks.infra import tracking
 from tasks.serving import export_gguf, export_hf, export_keras, parity
+from tasks.training import adapter as lora_adapter
 from tasks.pipeline.artifacts import EXPORT as STAGE
 from tasks.infra.cli import stage_main
 from tasks.pipeline.config import Config, fingerprint, stage_keys
@@ -77,7 +78,7 @@ def parity_texts(cfg: Config) -> list[str]:
 
 def merge(cfg: Config, adapter: Path, texts: list[str]):
     """The parity reference from the tuned model, then the merged model: (reference, merged lm, layers merged)."""
-    tuned = export_keras.tuned_model(cfg.model_preset, cfg.models_dir, cfg.lora_rank, adapter)
+    tuned = export_keras.tuned_model(cfg.model_preset, cfg.models_dir, adapter, lora_adapter.placement(cfg))
     if {"hf", "gguf"} & set(cfg.export_formats):
         # Refuse a model the exporters would write wrong (Gemma 2) before any slow step.
         export_gguf.architecture(tuned.backbone)
@@ -155,7 +156,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         gate = evaluate(vcfg, vdir)["gate"]
         manifest = {
             "run_dir": chosen["run_dir"], "variant": chosen["name"] or None, "variant_overrides": chosen["overrides"],
-            "adapter": str(adapter), "base_preset": vcfg.model_preset, "lora_rank": vcfg.lora_rank,
+            "adapter": str(adapter), "base_preset": vcfg.model_preset, "lora_rank": vcfg.lora_rank, "lora_placement": lora_adapter.placement(vcfg).to_dict(),
             "merged_layers": layers, "merge_dtype": dtype, "formats": list(vcfg.export_formats),
             "template": vcfg.prompt_template, "prompt_template": instruction_prompt("{instruction}", vcfg.prompt_template),
             "parity_prompts": ref["texts"], "parity": checks,

@@ -35,8 +35,8 @@ from tasks.pipeline.variants import base_answers_dir
 log = logging.getLogger("gemma_pipeline")
 
 CONFIG_KEYS = stage_keys(STAGE)
-# What the base model's answers depend on (not on the adapter, so not on lora_rank).
-BASE_KEYS = tuple(k for k in CONFIG_KEYS if k != "lora_rank")
+# What the base model's answers depend on (not on the adapter, so not on where LoRA goes).
+BASE_KEYS = tuple(k for k in CONFIG_KEYS if k not in ("lora_rank", "lora_targets", "lora_alpha"))
 
 
 def base_answers_path(run_dir: Path, cfg: Config, suite_sha256: str) -> Path | None:
@@ -167,7 +167,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         # its B matrices and rows at zero, so the base answers are the base model's exactly; loading the
         # adapter then only assigns variables, and the compiled generate function serves both.
         lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
-        adapter.enable_for(lm, adapter_file, cfg.lora_rank)
+        adapter.enable_for(lm, adapter_file, adapter.placement(cfg))
         sampler = compile_for_generation(lm, cfg)
         seeds = [g.state.numpy() for g in getattr(sampler, "_seed_generators", [])]
         results, seconds = {}, {}
@@ -182,7 +182,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             if model in results:
                 continue
             if model == "tuned":
-                adapter.load(lm, adapter_file, cfg.lora_rank)
+                adapter.load(lm, adapter_file, adapter.placement(cfg))
             # Both models answer from the sampler's seed.
             reset_sampler(sampler, seeds)
             t = time.time()

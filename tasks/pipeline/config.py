@@ -42,6 +42,8 @@ SNAPSHOT, PREPROCESS, SWEEP, FINETUNE, GENERATE, EXPORT, REPORT = (
     "snapshot", "preprocess", "sweep", "finetune", "generate", "export", "report")
 MAX_VARIANTS = 16
 EXPORT_FORMATS = ("keras", "hf", "gguf")
+# Where LoRA goes (tasks.training.adapter.TARGETS names their layers).
+LORA_TARGETS = ("attention_qv", "attention", "all_linear")
 
 
 def known_suites() -> list[str]:
@@ -134,6 +136,14 @@ class Config:
 
     # -- LoRA fine-tune (defaults: the Keras tutorial's recipe) -----------------------------
     lora_rank: int = key(4, "LoRA rank", stages=(FINETUNE, GENERATE), range=(1, 1024), variant=True, param=True, trust=TRAINING)
+    lora_targets: str = key(
+        "attention_qv",
+        "where LoRA goes: attention_qv (the attention's query and value projections, the seed's), attention (query, "
+        "key, value and output projections) or all_linear (the attention's and the MLP's gating, gating_2 and linear layers)",
+        stages=(FINETUNE, GENERATE), choices=LORA_TARGETS, variant=True, param=True, trust=TRAINING)
+    lora_alpha: float = key(
+        0.0, "LoRA alpha: each layer adds (alpha / rank) x A @ B to its kernel; 0 means alpha = lora_rank (scale 1, the seed's)",
+        stages=(FINETUNE, GENERATE), range=(0.0, 65536.0), variant=True, param=True, trust=TRAINING)
     trainable_tokens: str = key(
         "auto",
         "auto: with prompt_template gemma_chat, also train the embedding rows of <start_of_turn> and <end_of_turn> "
@@ -177,6 +187,22 @@ class Config:
         stages=(FINETUNE,), choices=("auto", "off", "bfloat16"), variant=True, trust=TRAINING)
     # Keras's "auto" turns XLA off on CPU, where it halves Gemma 3's step.
     jit_compile: bool = key(False, "XLA for the tutorial mode's train step", stages=(FINETUNE,), variant=True, trust=TRAINING)
+    # Validation: drawn after the held-out split and the training set, so neither moves.
+    validation_examples: int = key(
+        0, "examples drawn (seeded) outside the training set and the held-out split and scored every eval_every_steps "
+        "while training (a validation loss curve, early stopping, keep: best); 0: none (the seed's recipe)",
+        stages=(PREPROCESS,), range=(0, 100_000), param=True, trust=TRAINING)
+    eval_every_steps: int = key(
+        16, "with validation_examples: steps between validation scores (also before the first step and after the last)",
+        stages=(FINETUNE,), range=(1, 1_000_000), variant=True, trust=TRAINING)
+    early_stopping_patience: int = key(
+        0, "with validation_examples: stop after this many validation scores in a row without a new lowest "
+        "validation loss; 0: off (train every planned step)",
+        stages=(FINETUNE,), range=(0, 1_000_000), variant=True, param=True, trust=TRAINING)
+    keep: str = key(
+        "last", "the adapter finetune saves: 'last' (after the last step trained) or 'best' (at the step with the "
+        "lowest validation loss; needs validation_examples)",
+        stages=(FINETUNE,), choices=("last", "best"), variant=True, param=True, trust=TRAINING)
     eval_examples: int = key(100, "held-out examples scored (masked loss, response perplexity) before and after tuning",
                              stages=(FINETUNE,), range=(0, 100_000), trust=JUDGED)
     log_every_steps: int = key(1, "steps between progress lines in the task log", no_outputs="only logging",
@@ -479,11 +505,21 @@ def _check_consistency(cfg: Config) -> None:
     elif cfg.dataset_columns:
         raise ConfigError(f"config key 'dataset_columns' is set but dataset_format is {cfg.dataset_format!r}; "
                           "it applies to dataset_format 'columns' only")
+    check_validation(cfg)
     src = cfg.dataset_source
     if src not in ("bundled", "hub") and not Path(src).is_file():
         raise ConfigError(
             f"config key 'dataset_source': {src!r} is neither 'bundled', 'hub' nor an existing file"
         )
+
+
+def check_validation(cfg: Config) -> None:
+    """keep: best and early stopping judge by the validation loss: without validation examples there is none."""
+    if cfg.validation_examples == 0:
+        for name, on in (("keep", cfg.keep == "best"), ("early_stopping_patience", cfg.early_stopping_patience > 0)):
+            if on:
+                raise ConfigError(f"config key '{name}' ({getattr(cfg, name)!r}) needs validation_examples > 0: "
+                                  "it judges by the validation loss")
 
 
 def fingerprint(*parts: Any) -> str:

@@ -21,23 +21,18 @@ class Merged:
     token_rows: dict
 
 
-def lora_layers(backbone) -> list:
-    """Every layer with LoRA enabled, in a stable order."""
-    return [layer for layer in backbone._flatten_layers() if getattr(layer, "lora_enabled", False)]
-
-
 def _key(layer) -> str:
     """A layer's path in its backbone (decoder_block_0/attention/query): the same in two instances."""
     return layer.path
 
 
-def tuned_model(preset: str, models_dir: str, lora_rank: int, adapter_file: Path):
+def tuned_model(preset: str, models_dir: str, adapter_file: Path, expected=None):
     """The base model with the adapter loaded (what the report evaluated)."""
     from tasks.training import adapter
     from tasks.modeling.presets import load_causal_lm
 
     lm = load_causal_lm(preset, models_dir)
-    adapter.load(lm, adapter_file, lora_rank)
+    adapter.load(lm, adapter_file, expected)
     return lm
 
 
@@ -49,7 +44,7 @@ def merged_weights(tuned, adapter_file: Path) -> Merged:
 
     from tasks.training import adapter
 
-    kernels = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in lora_layers(tuned.backbone)}
+    kernels = {_key(layer): np.asarray(keras.ops.convert_to_numpy(layer.kernel)) for layer in adapter.lora_layers(tuned.backbone)}
     if not kernels:
         raise RuntimeError(f"the adapter {adapter_file} enabled no LoRA layer")
     return Merged(kernels, adapter.merged_token_rows(tuned))

@@ -1,5 +1,7 @@
-"""What fine-tuning trains and saves: LoRA on the attention's query and value projections, plus, when
-asked, the embedding rows of a few special tokens ("token rows").
+"""What fine-tuning trains and saves: LoRA where `lora_targets` puts it (the attention's query and value
+projections by default, the seed's; every attention projection; or every linear layer, attention and
+MLP) scaled by `lora_alpha / lora_rank`, plus, when asked, the embedding rows of a few special
+tokens ("token rows").
 
 Why token rows: a pretrained (not instruction-tuned) Gemma never saw `<start_of_turn>` and
 `<end_of_turn>` in training, so their embedding rows are untrained, and LoRA on the attention
@@ -13,22 +15,113 @@ The adapter file is keras-hub's `<name>.lora.h5` (`save_lora_weights`), with the
 `token_rows` group beside keras-hub's `lora` group (ids and rows), so one file holds everything and
 keras-hub's own `load_lora_weights` still reads it. `merged_token_rows` gives the merged rows for
 the exporters.
+
+keras-hub's file stores only the rank and finds each layer by its position among the backbone's
+layers, so an adapter trained on other layers would load silently into the wrong ones. The file
+therefore also records its `Placement` (targets, their layer names, rank, alpha) in a `placement`
+group; loading compares it with the model's and with what the caller expects, and refuses a
+mismatch naming both. A file written before placements were recorded has no such group: it is what
+was always trained then, query/value at alpha = rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
+from tasks.pipeline.config import LORA_TARGETS
+
 GROUP = "token_rows"
+PLACEMENT_GROUP = "placement"
+
+# Layer names of Gemma's decoder blocks in keras-hub (Gemma 1, 2 and 3 name them alike): the
+# attention's projections, then the gated MLP's.
+ATTENTION_QV = ("query", "value")
+ATTENTION = ("query", "key", "value", "attention_output")
+MLP = ("ffw_gating", "ffw_gating_2", "ffw_linear")
+# In the order of config.LORA_TARGETS, the key's choices.
+TARGETS = dict(zip(LORA_TARGETS, (ATTENTION_QV, ATTENTION, ATTENTION + MLP)))
 
 
-def enable(lm, rank: int, token_ids: list[int] | tuple = ()) -> None:
-    """LoRA on (once: its B matrices start at zero) and, for `token_ids`, trainable token rows
-    (zero). Call before anything is traced, so one compiled function serves base and tuned model."""
-    if not any(getattr(layer, "lora_enabled", False) for layer in lm.backbone._flatten_layers()):
-        lm.backbone.enable_lora(rank=rank)
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where LoRA goes and how strongly: `targets` (a TARGETS name), rank, alpha (scale alpha / rank)."""
+
+    targets: str
+    rank: int
+    alpha: float
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return TARGETS[self.targets]
+
+    def describe(self) -> str:
+        return f"{self.targets} ({', '.join(self.layers)}), rank {self.rank}, alpha {self.alpha:g}"
+
+    def to_dict(self) -> dict:
+        return {"targets": self.targets, "layers": list(self.layers), "rank": self.rank, "alpha": self.alpha}
+
+
+def placement(cfg) -> Placement:
+    """The config's placement; `lora_alpha: 0` means alpha = rank (scale 1, the seed's)."""
+    return Placement(cfg.lora_targets, int(cfg.lora_rank), float(cfg.lora_alpha or cfg.lora_rank))
+
+
+class PlacementMismatch(ValueError):
+    """An adapter trained with one placement, loaded where another is expected."""
+
+
+def _mismatch(what: str, have: Placement, other: str, want: Placement) -> PlacementMismatch:
+    return PlacementMismatch(
+        f"{what} has LoRA on {have.describe()}; {other} has it on {want.describe()}: an adapter loads only into "
+        "a model with the same lora_targets, lora_rank and lora_alpha")
+
+
+def enabled_placement(lm) -> Placement | None:
+    return getattr(lm.backbone, "_gemma_lora_placement", None)
+
+
+def lora_layers(backbone) -> list:
+    """The backbone's LoRA-enabled layers, in keras-hub's order."""
+    return [layer for layer in backbone._flatten_layers(include_self=False) if getattr(layer, "lora_enabled", False)]
+
+
+def enable(lm, where: Placement, token_ids: list[int] | tuple = ()) -> None:
+    """LoRA on the placement's layers (once: its B matrices start at zero) with its alpha, and, for
+    `token_ids`, trainable token rows (zero). Call before anything is traced, so one compiled
+    function serves base and tuned model. A model whose LoRA is already on elsewhere is refused."""
+    current = enabled_placement(lm)
+    if current is None:
+        if lora_layers(lm.backbone):
+            raise PlacementMismatch("this model already has LoRA enabled outside tasks.training.adapter")
+        lm.backbone.enable_lora(rank=where.rank, target_layer_names=list(where.layers))
+        layers = lora_layers(lm.backbone)
+        missing = sorted(set(where.layers) - {layer.name for layer in layers})
+        if missing:
+            raise ValueError(f"lora_targets {where.targets}: {type(lm.backbone).__name__} has no layer named {missing}")
+        for layer in layers:
+            # Keras reads it when the layer is traced: alpha / rank scales A @ B in the forward
+            # pass and in the merged kernel the exporters read.
+            layer.lora_alpha = where.alpha
+        lm.backbone._gemma_lora_placement = where
+    elif current != where:
+        raise _mismatch("this model", current, "the adapter asked for", where)
     if token_ids:
         _enable_token_rows(lm.backbone.token_embedding, [int(i) for i in token_ids])
+
+
+def trainable_counts(lm) -> dict:
+    """Trainable weights by kind: LoRA per target layer name, the token rows, and the total."""
+    where = enabled_placement(lm)
+    counts: dict = dict.fromkeys(where.layers, 0) if where else {}
+    for layer in lora_layers(lm.backbone):
+        n = int(layer.lora_kernel_a.numpy().size + layer.lora_kernel_b.numpy().size)
+        counts[layer.name] = counts.get(layer.name, 0) + n
+    rows = getattr(lm.backbone.token_embedding, "token_rows", None)
+    out = {"lora": sum(counts.values()), "lora_by_layer": counts, "token_rows": int(rows.numpy().size) if rows is not None else 0}
+    out["total"] = out["lora"] + out["token_rows"]
+    return out
 
 
 def token_ids(lm) -> list[int]:
@@ -97,18 +190,37 @@ def _with_token_rows(base):
 
 
 def save(lm, path: Path) -> None:
-    """The adapter file: keras-hub's LoRA weights, then the token rows (if any) beside them."""
+    """The adapter file: keras-hub's LoRA weights, its placement, then the token rows (if any)."""
     import h5py
     import numpy as np
 
+    where = enabled_placement(lm)
+    if where is None:
+        raise ValueError("save: LoRA was not enabled through tasks.training.adapter.enable")
     lm.backbone.save_lora_weights(str(path))
     ids = token_ids(lm)
-    if ids:
-        rows = np.asarray(lm.backbone.token_embedding.token_rows.numpy(), dtype="float32")
-        with h5py.File(path, "a") as f:
+    with h5py.File(path, "a") as f:
+        f.create_group(PLACEMENT_GROUP).attrs["json"] = json.dumps(where.to_dict())
+        if ids:
+            rows = np.asarray(lm.backbone.token_embedding.token_rows.numpy(), dtype="float32")
             group = f.create_group(GROUP)
             group.create_dataset("ids", data=np.asarray(ids, dtype="int64"))
             group.create_dataset("rows", data=rows)
+
+
+def read_placement(path: Path) -> Placement:
+    """The adapter file's placement; a file from before placements were recorded is query/value at
+    alpha = rank, the only placement trained then."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        rank = int(f["lora"]["vars"]["rank"][()])
+        if PLACEMENT_GROUP not in f:
+            return Placement("attention_qv", rank, float(rank))
+        d = json.loads(f[PLACEMENT_GROUP].attrs["json"])
+    if d.get("targets") not in TARGETS or tuple(d.get("layers", ())) != TARGETS[d["targets"]]:
+        raise ValueError(f"adapter file {path} records an unknown placement {d}")
+    return Placement(d["targets"], int(d["rank"]), float(d["alpha"]))
 
 
 def read_token_rows(path: Path) -> tuple[list[int], "object"]:
@@ -121,17 +233,44 @@ def read_token_rows(path: Path) -> tuple[list[int], "object"]:
         return [int(i) for i in f[GROUP]["ids"][()]], f[GROUP]["rows"][()]
 
 
-def enable_for(lm, path: Path, rank: int) -> None:
-    """LoRA and token rows on, at zero, shaped as the adapter file's: the base model still, ready to
-    `load` it without retracing."""
+def _file_positions(path: Path) -> list[int]:
+    """The layer positions keras-hub stored weights for (its `lora/<position>` groups)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return sorted(int(k) for k in f["lora"] if k.isdigit())
+
+
+def _checked_placement(path: Path, expected: Placement | None) -> Placement:
+    found = read_placement(path)
+    if expected is not None and found != expected:
+        raise _mismatch(f"adapter file {path}", found, "the configuration", expected)
+    return found
+
+
+def enable_for(lm, path: Path, expected: Placement | None = None) -> None:
+    """LoRA and token rows on, at zero, placed and shaped as the adapter file's: the base model
+    still, ready to `load` it without retracing. With `expected` (the config's placement), a file
+    with another placement is refused."""
     ids, _ = read_token_rows(path)
-    enable(lm, rank, ids)
+    enable(lm, _checked_placement(path, expected), ids)
 
 
-def load(lm, path: Path, rank: int) -> None:
-    """The adapter file's weights into `lm` (enabling LoRA and the token rows first if needed)."""
+def load(lm, path: Path, expected: Placement | None = None) -> None:
+    """The adapter file's weights into `lm` (enabling LoRA and the token rows first if needed). The
+    file's placement must be the model's (if its LoRA is on) and `expected`'s (if given)."""
     ids, rows = read_token_rows(path)
-    enable(lm, rank, ids)
+    where = _checked_placement(path, expected)
+    current = enabled_placement(lm)
+    if current is not None and current != where:
+        raise _mismatch(f"adapter file {path}", where, "the model it is loaded into", current)
+    enable(lm, where, ids)
+    positions = _file_positions(path)
+    if positions != sorted(lm.backbone._lora_enabled_layers):
+        raise PlacementMismatch(
+            f"adapter file {path} holds LoRA weights for the layers at positions {positions}; this "
+            f"{type(lm.backbone).__name__}'s {where.targets} layers are at {sorted(lm.backbone._lora_enabled_layers)}: "
+            "it was trained on another model")
     lm.backbone.load_lora_weights(str(path))
     if ids:
         lm.backbone.token_embedding.token_rows.assign(rows)

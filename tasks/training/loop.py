@@ -1,6 +1,6 @@
 """The training engine: how a LoRA fine-tune runs on this device, shared by `finetune` and the benchmarks.
 
-The recipe is the Keras tutorial's: `backbone.enable_lora(rank)`, AdamW(learning_rate, weight_decay)
+The recipe is the Keras tutorial's: `backbone.enable_lora(rank)` (placed and scaled by tasks.training.adapter), AdamW(learning_rate, weight_decay)
 with bias and scale excluded from decay, SparseCategoricalCrossentropy(from_logits=True),
 SparseCategoricalAccuracy, `fit` over the planned steps. `train_mode` picks how the batches run, not
 what is learned: `tutorial` pads every example to the sequence length; `fast` pads each
@@ -253,7 +253,7 @@ def prepare(lm, cfg: Config, engine: dict):
     `lm`'s own variables."""
     from tasks.training import adapter
 
-    adapter.enable(lm, cfg.lora_rank)
+    adapter.enable(lm, adapter.placement(cfg))
     optimizer = build_optimizer(cfg)
     trainer = loss_positions_model(lm) if cfg.train_mode == "fast" else lm
     compiled = compile_for_training(trainer, cfg, optimizer, engine)

@@ -33,7 +33,7 @@ def test_token_rows_equal_a_model_with_those_embedding_rows_changed(preset):
     base = logits(lm, CHAT)
     ids = adapter.template_token_ids(lm.preprocessor.tokenizer, "gemma_chat", "auto")
     assert ids == [lm.preprocessor.tokenizer.token_to_id(t) for t in ("<start_of_turn>", END_OF_TURN)]
-    adapter.enable(lm, 4, ids)
+    adapter.enable(lm, adapter.Placement("attention_qv", 4, 4.0), ids)
     np.testing.assert_array_equal(logits(lm, CHAT), base)  # rows start at zero: still the base model
     layer = lm.backbone.token_embedding
     assert [v.path for v in lm.backbone.trainable_weights if "token_rows" in v.path] == [layer.token_rows.path]
@@ -66,7 +66,7 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     lm = load_causal_lm("tiny:gemma3", models, 48)
     tok = lm.preprocessor.tokenizer
     ids = adapter.template_token_ids(tok, "gemma_chat", cfg.trainable_tokens)
-    adapter.enable(lm, cfg.lora_rank, ids)
+    adapter.enable(lm, adapter.placement(cfg), ids)
     trainer, _, _ = loop.prepare(lm, cfg, device.engine_for(cfg))
     enc = encode(tok, [{"prompt": "", "text": t} for t in CHAT * 4], 48)
     plan = loop.train_plan([48] * 8, cfg)
@@ -81,7 +81,7 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     assert got_ids == ids
     np.testing.assert_array_equal(got_rows, rows)
     fresh = load_causal_lm("tiny:gemma3", models, 48)
-    adapter.load(fresh, path, cfg.lora_rank)
+    adapter.load(fresh, path, adapter.placement(cfg))
     np.testing.assert_allclose(logits(fresh, CHAT), tuned, atol=1e-5)
 
     merged = export_keras.merged_weights(fresh, path)
@@ -94,6 +94,6 @@ def test_token_rows_train_save_load_and_merge(tmp_path):
     none = load_causal_lm("tiny:gemma3", models, 48)
     assert adapter.template_token_ids(tok, "gemma_chat", "none") == []
     assert adapter.template_token_ids(tok, "tutorial", "auto") == []
-    adapter.enable(none, 4, [])
+    adapter.enable(none, adapter.Placement("attention_qv", 4, 4.0), [])
     adapter.save(none, tmp_path / "plain.lora.h5")
     assert adapter.read_token_rows(tmp_path / "plain.lora.h5") == ([], None)

@@ -15,7 +15,7 @@ import pytest
 from tasks import export, finetune, generate, preprocess, snapshot
 from tasks.text import prompt_template
 from tasks.pipeline import artifacts
-from tasks.serving import export_gguf, export_keras, parity
+from tasks.serving import export_gguf, parity
 from tasks.pipeline.config import load_config
 from tasks.text.prompt_template import instruction_prompt
 from tasks.pipeline import storage
@@ -39,12 +39,18 @@ def answered(trained_run, tmp_path, model: str, **extra):
     return copy_run(trained_run("generate", **settings_for(model, **extra)), tmp_path / "run")
 
 
-@pytest.fixture(scope="module", params=["tiny:gemma3", "tiny:gemma", "tiny:gemma3 gemma_chat"])
+ALL_LINEAR = {"lora_targets": "all_linear", "lora_alpha": "8"}
+
+
+@pytest.fixture(scope="module", params=[("tiny:gemma3", ALL_LINEAR), ("tiny:gemma", ALL_LINEAR),
+                                        ("tiny:gemma3", {"prompt_template": "gemma_chat"})],
+                ids=["tiny:gemma3-all_linear", "tiny:gemma-all_linear", "tiny:gemma3-gemma_chat"])
 def exported(request, trained_run, tmp_path_factory):
-    """The third: the chat template, whose fine-tune also trains the turn tokens' embedding rows
+    """The first two: LoRA on every linear layer (attention and MLP) at alpha = 2 x rank: every
+    format carries all seven merges per block. The third: the seed's query/value placement with the
+    chat template, whose fine-tune also trains the turn tokens' embedding rows
     (tasks.training.adapter): the exports carry them merged."""
-    model, _, template = request.param.partition(" ")
-    extra = {"prompt_template": template} if template else {}
+    model, extra = request.param
     run_dir = answered(trained_run, tmp_path_factory.mktemp("export"), model, **extra)
     cfg = tiny_cfg(model, **extra)
     return cfg, run_dir, export.run(cfg, run_dir)
@@ -63,7 +69,13 @@ def test_every_format_answers_as_the_tuned_model(exported):
     assert p["gguf-f16"]["same_token_ids"] and min(p["gguf-f16"]["greedy_same_tokens"]) >= 8
     assert p["gguf-q8_0"]["same_token_ids"] and p["gguf-q8_0"]["reference_in_top_k"] == [16, 16]
     assert min(p["gguf-f16"]["reference_in_top_k"]) == 16
-    assert manifest["merged_layers"] > 0 and manifest["adapter"] == str(artifacts.adapter_path(run_dir))
+    assert manifest["adapter"] == str(artifacts.adapter_path(run_dir))
+    placement = manifest["lora_placement"]
+    assert placement["targets"] == cfg.lora_targets and placement["alpha"] == (cfg.lora_alpha or cfg.lora_rank)
+    from tasks.modeling.presets import load_causal_lm
+
+    blocks = load_causal_lm(cfg.model_preset, cfg.models_dir).backbone.num_layers
+    assert manifest["merged_layers"] == blocks * len(placement["layers"])  # every targeted layer, every block
     rows = artifacts.read_finetune_result(run_dir)["token_rows"]
     assert sorted(rows) == (["<end_of_turn>", "<start_of_turn>"] if cfg.prompt_template == "gemma_chat" else [])
 
@@ -213,22 +225,25 @@ def test_chat_answers_with_the_champion(exported, tmp_path):
 
 
 @pytest.mark.real
-def test_real_gemma3_270m_exports_answer_as_the_tuned_model(tmp_path):
-    """The real model with a non-zero adapter (random B, so the merge matters): every format loaded
-    in its own runtime answers the tutorial's prompts as the tuned keras-hub model."""
+@pytest.mark.parametrize("targets,alpha", [("attention_qv", "0"), ("all_linear", "8")])
+def test_real_gemma3_270m_exports_answer_as_the_tuned_model(tmp_path, targets, alpha):
+    """The real model with a non-zero adapter (random B, so the merge matters), on the seed's
+    query/value placement and on every linear layer: every format loaded in its own runtime answers
+    the tutorial's prompts as the tuned keras-hub model."""
     import keras
 
     from tasks.modeling.presets import load_causal_lm
+    from tasks.training import adapter as lora
 
-    cfg = load_config("cpu_demo")
+    cfg = load_config("cpu_demo", {"lora_targets": targets, "lora_alpha": alpha})
     keras.utils.set_random_seed(0)
     lm = load_causal_lm(cfg.model_preset, cfg.models_dir)
-    lm.backbone.enable_lora(rank=4)
-    for layer in export_keras.lora_layers(lm.backbone):
+    lora.enable(lm, lora.placement(cfg))
+    for layer in lora.lora_layers(lm.backbone):
         b = layer.lora_kernel_b
         b.assign(np.random.default_rng(0).normal(0, 0.02, b.shape).astype("float32"))
     adapter = tmp_path / "adapter.lora.h5"
-    lm.backbone.save_lora_weights(str(adapter))
+    lora.save(lm, adapter)
     del lm
     texts = export.parity_texts(cfg)
     ref, merged, layers = export.merge(cfg, adapter, texts)
@@ -236,7 +251,7 @@ def test_real_gemma3_270m_exports_answer_as_the_tuned_model(tmp_path):
     out.mkdir()
     checks = export.write_formats(cfg, merged, ref, out)
     print(json.dumps(checks, indent=1))
-    assert layers == 2 * 18  # query and value of every layer
+    assert layers == 18 * len(lora.TARGETS[targets])  # every targeted layer of the 18 blocks
     assert all(c["checked"] and c["passed"] for c in checks.values()), checks
     assert checks["hf"]["greedy_same_tokens"] == [16, 16]
     assert prompt_template.stop_token_ids(merged.preprocessor.tokenizer) == [1, 106]

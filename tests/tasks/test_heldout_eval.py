@@ -59,6 +59,6 @@ def test_lora_enabled_at_zero_scores_exactly_as_the_base():
     before = score_heldout(lm, rows, 64, batch_size=4)
     ids = adapter.template_token_ids(lm.preprocessor.tokenizer, "gemma_chat", "auto")
     assert len(ids) == 2
-    adapter.enable(lm, 4, ids)
-    adapter.enable(lm, 4, ids)  # once only
+    adapter.enable(lm, adapter.Placement("attention_qv", 4, 4.0), ids)
+    adapter.enable(lm, adapter.Placement("attention_qv", 4, 4.0), ids)  # once only
     assert score_heldout(lm, rows, 64, batch_size=4) == before
