@@ -65,7 +65,9 @@ def choose(cfg: Config, run_dir: Path) -> dict | None:
     if name is None:
         return None
     spec = next(s for s in states if s["name"] == name)
-    return {**{k: spec[k] for k in ("index", "name", "label", "overrides", "dir")}, "run_dir": str(run_dir)}
+    # Its gate as the report judged it (with several variants, Holm-corrected).
+    return {**{k: spec[k] for k in ("index", "name", "label", "overrides", "dir")}, "run_dir": str(run_dir),
+            "gate": spec["ev"]["gate"]}
 
 
 def parity_texts(cfg: Config) -> list[str]:
@@ -153,10 +155,11 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         dtype = lm.backbone.dtype_policy.variable_dtype
         del lm
         keras.backend.clear_session()
-        gate = evaluate(vcfg, vdir)["gate"]
+        gate = chosen.get("gate") or evaluate(vcfg, vdir)["gate"]
         manifest = {
             "run_dir": chosen["run_dir"], "variant": chosen["name"] or None, "variant_overrides": chosen["overrides"],
-            "adapter": str(adapter), "base_preset": vcfg.model_preset, "lora_rank": vcfg.lora_rank, "lora_placement": lora_adapter.placement(vcfg).to_dict(),
+            "adapter": str(adapter), "adapter_sha256": storage.sha256_file(adapter), "base_preset": vcfg.model_preset,
+            "lora_rank": vcfg.lora_rank, "lora_placement": lora_adapter.placement(vcfg).to_dict(),
             "merged_layers": layers, "merge_dtype": dtype, "formats": list(vcfg.export_formats),
             "template": vcfg.prompt_template, "prompt_template": instruction_prompt("{instruction}", vcfg.prompt_template),
             "parity_prompts": ref["texts"], "parity": checks,

@@ -2,13 +2,17 @@
 
 Stage 4 of 8: LoRA fine-tune of a keras-hub Gemma causal LM on the preprocessed training examples, with
 the Keras tutorial's recipe run by the training engine (tasks.training.loop: `train_mode`, device, dtype,
-loss, optimizer). Progress is logged every `log_every_steps` steps; a checkpoint every
-`checkpoint_every_steps` lets a retried task resume where a killed one stopped. Writes
-`adapter.lora.h5` (only the LoRA weights), `history.json` (per step) and `result.json` (config,
-timings, held-out scores before and after tuning, masked so padding does not count).
+loss, optimizer) and LoRA where `lora_targets` puts it, scaled by `lora_alpha` (tasks.training.adapter).
+Progress is logged every `log_every_steps` steps; a checkpoint every `checkpoint_every_steps` lets a
+retried task resume where a killed one stopped. With `validation_examples`, the validation loss is
+scored every `eval_every_steps` (tasks.training.validation), training stops early after
+`early_stopping_patience` scores without a new best, and `keep: best` saves the best step's adapter.
+Writes `adapter.lora.h5` (the LoRA weights and their placement), `history.json` (per step, with the
+validation loss where scored) and `result.json` (config, placement, trainable weights, timings,
+validation, held-out scores before and after tuning, masked so padding does not count).
 
 The stage reads top to bottom: `setup` (data, model, plan, checkpoint to resume) -> `score_base`
--> `train` -> `score_tuned` -> `save`.
+-> `train` -> `keep` -> `score_tuned` -> `save`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from tasks.pipeline import artifacts, storage
 from tasks.infra import tracking
 from tasks.training import adapter, device, loop
+from tasks.training.validation import Validation
 from tasks.pipeline.artifacts import FINETUNE as STAGE
 from tasks.text.batching import encode, input_lengths, plan_orders
 from tasks.training.checkpoints import Checkpoints
@@ -50,6 +55,7 @@ class Session:
     checkpoints: Checkpoints
     resume: dict | None
     scorer: Any
+    validation: Validation
 
 
 @dataclasses.dataclass
@@ -60,6 +66,7 @@ class Trained:
     base_params: int
     trainable: int
     compiled: dict
+    trainable_counts: dict
 
 
 def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
@@ -71,6 +78,7 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
 
     train = artifacts.read_train(run_dir)
     heldout = artifacts.read_heldout(run_dir)[: cfg.eval_examples]
+    validation_rows = artifacts.read_validation(run_dir)
     # The model's files first (a download, an import, a tiny model's build: some draw random numbers),
     # then the seed, before the model (and its tokenizer) is built: the adapter is the same whether
     # the files were cached or not (a pod with an empty cache trains what the worker would).
@@ -87,10 +95,15 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
     plan = loop.train_plan(input_lengths(enc), cfg, engine["max_widths"])
     # LoRA (and the template's token rows) on before anything is traced: the base and the tuned
     # model are scored by one function.
-    adapter.enable(lm, cfg.lora_rank, adapter.template_token_ids(lm.preprocessor.tokenizer, cfg.prompt_template,
+    adapter.enable(lm, adapter.placement(cfg), adapter.template_token_ids(lm.preprocessor.tokenizer, cfg.prompt_template,
                                                                  cfg.trainable_tokens))
     scorer = sums_fn(lm, engine["jit_compile"])
-    return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume, scorer)
+    tokenizer = lm.preprocessor.tokenizer
+    validation = Validation(
+        len(validation_rows), cfg.eval_every_steps, cfg.early_stopping_patience, cfg.loss_tokens,
+        lambda: score_heldout(lm, validation_rows, cfg.sequence_length, sums=scorer, xla=engine["jit_compile"],
+                              tokenizer=tokenizer))
+    return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume, scorer, validation)
 
 
 def score(s: Session) -> dict:
@@ -108,6 +121,7 @@ def train(s: Session, base_scores: dict) -> Trained:
     base_params = int(lm.backbone.count_params())
     trainer, optimizer, compiled = loop.prepare(lm, cfg, s.engine)
     trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
+    counts = adapter.trainable_counts(lm)
     total = len(plan)
     orders = plan_orders(plan, len(s.train))
     fed = loop.rows_fed(plan, cfg, s.engine)
@@ -118,27 +132,50 @@ def train(s: Session, base_scores: dict) -> Trained:
         start = s.resume["step"]
         s.checkpoints.restore(s.resume, lm, optimizer)
         history = s.resume["history"]
+        s.validation.restore(s.resume.get("validation"), s.checkpoints.best_weights(s.resume))
         log.info("finetune: RESUMING from the checkpoint at step %d/%d (%s)", start, total, s.resume["dir"])
     log.info(
-        "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA rank %d%s: %s trainable weights",
-        len(s.train), cfg.batch_size, cfg.epochs, total, cfg.lora_rank,
+        "finetune: %d examples, batch %d, %d epoch(s) = %d steps; LoRA on %s%s: %s trainable weights (LoRA %s%s)",
+        len(s.train), cfg.batch_size, cfg.epochs, total, adapter.placement(cfg).describe(),
         f" + the embedding rows of {[lm.preprocessor.tokenizer.id_to_token(i) for i in adapter.token_ids(lm)]}"
         if adapter.token_ids(lm) else "", f"{trainable:,}",
+        ", ".join(f"{name} {n:,}" for name, n in counts["lora_by_layer"].items()),
+        f"; token rows {counts['token_rows']:,}" if counts["token_rows"] else "",
     )
     log.info(
         "finetune: train_mode %s, XLA %s, dtype policy %s, batch widths %s",
         cfg.train_mode, compiled["jit_compile"], s.engine["dtype_policy"], dict(sorted(collections.Counter(widths).items())),
     )
 
-    def checkpoint(step: int) -> None:
+    def after_step(step: int) -> None:
+        # Validation first, so the checkpoint of this step holds its score and the best so far.
+        if s.validation.due(step, total):
+            if s.validation.evaluate(step, lm):
+                trainer.stop_training = True  # Keras ends fit() after this step
+            history[-1]["validation_loss"] = s.validation.scores[-1]["loss"]
         if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total:
-            s.checkpoints.save(step, lm, optimizer, history, base_scores, orders, s.train)
+            s.checkpoints.save(step, lm, optimizer, history, base_scores, orders, s.train, s.validation)
+
+    if s.validation.on and start == 0:
+        s.validation.evaluate(0, lm)  # the base model: where the curve starts
 
     real = [int(s.enc["real_tokens"][step.rows].sum()) for step in plan]
-    progress = loop.make_progress_callback(total, fed[start:], cfg.log_every_steps, history, start, checkpoint,
+    progress = loop.make_progress_callback(total, fed[start:], cfg.log_every_steps, history, start, after_step,
                                                widths[start:], real[start:])
     train_s = loop.fit(trainer, lm, s.enc, plan, cfg, [progress], start, s.engine)
-    return Trained(history, start, train_s, base_params, trainable, compiled)
+    return Trained(history, start, train_s, base_params, trainable, compiled, counts)
+
+
+def keep(s: Session, t: Trained) -> None:
+    """`keep: best`: the best validation step's weights back into the model, before it is scored and saved."""
+    v = s.validation
+    if v.stopped_at is not None:
+        log.info("finetune: stopped early at step %d of %d: %d validation scores in a row without a new best",
+                 v.stopped_at, len(s.plan), v.patience)
+    if s.cfg.keep == "best":
+        v.keep_best(s.lm)
+        log.info("finetune: keeping the adapter of step %d (validation loss %.4f), not the last step's (%d, %.4f)",
+                 v.best["step"], v.best["loss"], v.scores[-1]["step"], v.scores[-1]["loss"])
 
 
 def score_tuned(s: Session) -> dict:
@@ -165,15 +202,19 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
         "model_class": type(s.lm).__name__,
         "parameters": t.base_params,
         "trainable_parameters": t.trainable,
+        "lora": adapter.placement(cfg).to_dict(),
+        "trainable_weights": t.trainable_counts,
         # Special tokens whose embedding rows were trained beside LoRA (trainable_tokens).
         "token_rows": {s.lm.preprocessor.tokenizer.id_to_token(i): i for i in adapter.token_ids(s.lm)},
         "steps": len(t.history),
+        "planned_steps": total,
         "examples": len(s.train),
         "resumed_from_step": t.start or None,
         "checkpoints_skipped": s.checkpoints.skipped,
         "data_order": [[s.train[i]["id"] for i in order] for order in plan_orders(plan, len(s.train))],
         "config": cfg.subset(CONFIG_KEYS),
-        "timings_s": {"load": round(s.load_s, 2), "train": round(t.train_s, 2)},
+        "timings_s": {"load": round(s.load_s, 2), "train": round(t.train_s, 2),
+                      **({"validation": round(s.validation.seconds, 2)} if s.validation.on else {})},
         "tokens": {
             "real": real_tokens,
             "padded": padded_tokens,
@@ -189,6 +230,7 @@ def save(s: Session, t: Trained, base_scores: dict, tuned_scores: dict, out: Pat
             "devices": s.engine["devices"],
             "widths": dict(sorted(collections.Counter(widths).items())),
         },
+        "validation": s.validation.result(cfg.keep, t.history[-1]["step"] if t.history else 0) if s.validation.on else None,
         "heldout_base": base_scores,
         "heldout_tuned": tuned_scores,
         "final_loss": t.history[-1]["loss"] if t.history else None,
@@ -218,6 +260,7 @@ def tune(cfg: Config, run_dir: Path, out: Path, fp: str) -> dict:
             s = setup(cfg, run_dir, engine, fp)
             base_scores = score_base(s)
             trained = train(s, base_scores)
+            keep(s, trained)
             tuned_scores = score_tuned(s)
             result = save(s, trained, base_scores, tuned_scores, out)
         keras.backend.clear_session()

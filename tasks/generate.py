@@ -204,6 +204,8 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "heldout": {"base": results["base"]["heldout"], "tuned": results["tuned"]["heldout"]},
             "seconds": seconds,
             "base_answers_reused_from": reused,
+            # Which adapter answered (finetune keeps the best or the last step's: its result.json says which).
+            "adapter_sha256": storage.sha256_file(adapter_file),
         }
         storage.write_json(out / artifacts.ANSWERS, data)
         del lm

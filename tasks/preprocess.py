@@ -6,9 +6,10 @@ instructions or responses and exact duplicates never get here: the snapshot drop
 as bad records), renders every conversation in the `prompt_template` (tasks.text.prompt_template: the
 text, and where its assistant turns are, for the loss mask), draws a seeded held-out split (kept
 with its reference answers: a held-out conversation's final answer) and, disjoint from it, a seeded
-training subset. Token lengths are measured with the model's own tokenizer; the manifest records
-how many examples exceed the sequence length (they are truncated in training), every drop by
-reason, the template and one rendered example.
+training subset, then, with `validation_examples`, a validation set outside both. Token lengths
+are measured with the model's own tokenizer; the manifest records how many examples exceed the
+sequence length (they are truncated in training), every drop by reason, the template and one
+rendered example.
 """
 
 from __future__ import annotations
@@ -42,19 +43,26 @@ def filter_records(records: list[dict], drop_context: bool) -> tuple[list[dict],
     return kept, dict(sorted(dropped.items()))
 
 
-def split(records: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Held-out first, so the evaluation split does not move when num_examples changes."""
-    need = cfg.num_examples + cfg.heldout_examples
+def split(records: list[dict], cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held-out, validation): held-out first, so the evaluation split does not move when
+    num_examples changes, then training, then validation after both, so drawing validation
+    examples moves neither."""
+    parts = [("num_examples", cfg.num_examples), ("heldout_examples", cfg.heldout_examples)]
+    if cfg.validation_examples:
+        parts.append(("validation_examples", cfg.validation_examples))
+    need = sum(n for _, n in parts)
     if len(records) < need:
         raise ConfigError(
-            f"num_examples ({cfg.num_examples}) + heldout_examples ({cfg.heldout_examples}) = {need}, but only "
-            f"{len(records)} usable records remain after filtering; lower num_examples or use a bigger dataset_source"
+            f"{' + '.join(f'{k} ({n})' for k, n in parts)} = {need}, but only {len(records)} usable records remain "
+            "after filtering; lower num_examples or use a bigger dataset_source"
         )
     order = list(range(len(records)))
     random.Random(cfg.subset_seed).shuffle(order)
+    trained = cfg.heldout_examples + cfg.num_examples
     heldout = [records[i] for i in order[: cfg.heldout_examples]]
-    train = [records[i] for i in order[cfg.heldout_examples : need]]
-    return train, heldout
+    train = [records[i] for i in order[cfg.heldout_examples : trained]]
+    validation = [records[i] for i in order[trained:need]]
+    return train, heldout, validation
 
 
 def rendered(records: list[dict], cfg: Config) -> list[dict]:
@@ -119,7 +127,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
 
         records = artifacts.read_records(run_dir)
         kept, dropped = filter_records(records, cfg.drop_context)
-        train, heldout = split(kept, cfg)
+        train, heldout, validation = split(kept, cfg)
         log.info("preprocess: %d records, %d usable, dropped %s", len(records), len(kept), dropped)
         tokenizer = load_tokenizer(cfg.model_preset, cfg.models_dir)
         train_rows, held_rows = rendered(train, cfg), rendered(heldout, cfg)
@@ -130,6 +138,10 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             for r, n in zip(train_rows, train_len)
         ])
         storage.write_jsonl(out / artifacts.HELDOUT, [r | {"n_tokens": n} for r, n in zip(held_rows, held_len)])
+        if validation:  # none by default: the seed's outputs stay byte for byte what they were
+            val_rows = rendered(validation, cfg)
+            val_len = token_lengths([r["text"] for r in val_rows], tokenizer)
+            storage.write_jsonl(out / artifacts.VALIDATION, [r | {"n_tokens": n} for r, n in zip(val_rows, val_len)])
         stats = length_stats(train_len, cfg.sequence_length)
         manifest = {
             "snapshot_sha256": snap["result"]["sha256"],
@@ -138,6 +150,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             "dropped": dropped,
             "train_examples": len(train),
             "heldout_examples": len(heldout),
+            **({"validation_examples": len(validation)} if validation else {}),
             "train_categories": dict(sorted(collections.Counter(r["category"] for r in train if r["category"]).items())),
             "train_multi_turn": sum(1 for r in train if len(records_lib.turns(r)) > 2),
             "sequence_length": cfg.sequence_length,

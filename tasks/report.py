@@ -57,8 +57,11 @@ def environment():
     )
 
 
-def line_chart(series: dict[str, list[float]], width: int = 640, height: int = 220, pad: int = 36) -> dict:
-    """Polyline coordinates for an inline SVG chart; numbers only, so nothing here needs escaping."""
+def line_chart(series: dict[str, list[float]], width: int = 640, height: int = 220, pad: int = 36,
+               first_step: int = 1, marker: int | None = None) -> dict:
+    """Polyline coordinates for an inline SVG chart; numbers only, so nothing here needs escaping.
+    Value i is step `first_step + i` (NaN: no value there; the line joins its neighbours); `marker`:
+    a step to draw a vertical line at."""
     values = [v for ys in series.values() for v in ys if v == v]  # drop NaN
     if not values:
         return {"empty": True, "width": width, "height": height}
@@ -73,7 +76,20 @@ def line_chart(series: dict[str, list[float]], width: int = 640, height: int = 2
         pts = " ".join(f"{xs(i):.1f},{ys_(v):.1f}" for i, v in enumerate(ys) if v == v)
         lines.append({"name": name, "points": pts, "color": PALETTE[k % len(PALETTE)] if len(series) > 1 else None})
     ticks = [{"y": round(ys_(lo + (hi - lo) * f), 1), "label": f"{lo + (hi - lo) * f:.3g}"} for f in (0, 0.5, 1)]
-    return {"empty": False, "width": width, "height": height, "pad": pad, "lines": lines, "ticks": ticks, "steps": n}
+    return {"empty": False, "width": width, "height": height, "pad": pad, "lines": lines, "ticks": ticks, "steps": n,
+            "first": first_step, "last": first_step + n - 1,
+            "marker": {"x": round(xs(marker - first_step), 1), "step": marker} if marker is not None else None}
+
+
+def validation_chart(validation: dict | None) -> dict | None:
+    """The validation loss at the steps it was scored (step 0: the base model), the best step marked."""
+    if not validation or not validation["scores"]:
+        return None
+    last = validation["scores"][-1]["step"]
+    ys = [float("nan")] * (last + 1)
+    for s in validation["scores"]:
+        ys[s["step"]] = s["loss"]
+    return line_chart({"validation loss": ys}, first_step=0, marker=validation["best_step"])
 
 
 def versions() -> dict[str, str]:
@@ -200,6 +216,7 @@ def gather(cfg: Config, run_dir: Path, evaluation: dict) -> dict:
         "stage_seconds": {s: done[s]["result"].get("seconds") for s in STAGES},
         "loss_chart": line_chart({"loss per step": [h["loss"] for h in history]}),
         "accuracy_chart": line_chart({"token accuracy (running)": [h["accuracy_running"] for h in history]}),
+        "validation_chart": validation_chart(finetune.get("validation")),
         "versions": versions(),
         "sweep": None,  # the comparison section (sweep_context), when the run has variants
         "tracking": tracking.status(run_dir),

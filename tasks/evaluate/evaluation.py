@@ -19,7 +19,17 @@ MODELS = ("base", "tuned")
 VARIANT_STAGES = (artifacts.FINETUNE, artifacts.GENERATE)
 
 
-def evaluate(cfg: Config, run_dir: Path) -> dict:
+def evaluate(cfg: Config, run_dir: Path, correction: dict | None = None) -> dict:
+    """The run's (or one variant's) metrics, intervals, verdict words and gate. `correction`
+    (evaluate_sweep, for one of several variants): {"compared": m, "rouge_l"/"perplexity":
+    {"level": ..., "adjusted_p": ...}}: each interval at the level Holm's procedure tests it at, and
+    significant only with its adjusted p-value below 5%."""
+    def level(metric: str) -> float:
+        return correction[metric]["level"] if correction else 0.95
+
+    def corrected(ci: dict | None, metric: str) -> dict | None:
+        return metrics.corrected(ci, correction[metric]["adjusted_p"], correction["compared"]) if correction else ci
+
     answers = artifacts.read_answers(run_dir)
     finetune = artifacts.read_finetune_result(run_dir)
 
@@ -36,7 +46,8 @@ def evaluate(cfg: Config, run_dir: Path) -> dict:
         "n": len(held["base"]),
         "aggregate": {m: metrics.aggregate(heldout_metrics[m], held[m]) for m in MODELS} if held["base"] else {},
         "rouge_l": {m: round(sum(rouge[m]) / len(rouge[m]), 5) if rouge[m] else None for m in MODELS},
-        "rouge_l_delta_ci": metrics.bootstrap_delta_ci(rouge["base"], rouge["tuned"]) if rouge["base"] else None,
+        "rouge_l_delta_ci": corrected(metrics.bootstrap_delta_ci(rouge["base"], rouge["tuned"], level=level("rouge_l")), "rouge_l")
+        if rouge["base"] else None,
         "per_example": [
             {"id": b["id"], "rouge_l": {"base": round(rb, 4), "tuned": round(rt, 4)}}
             for b, rb, rt in zip(held["base"], rouge["base"], rouge["tuned"])
@@ -48,8 +59,8 @@ def evaluate(cfg: Config, run_dir: Path) -> dict:
         return round(sum(flags) / max(len(flags), 1), 4)
 
     per_example = {m: finetune[f"heldout_{m}"].get("per_example") for m in MODELS}
-    ppl_ci = metrics.bootstrap_perplexity_ci(per_example["base"], per_example["tuned"]) \
-        if per_example["base"] and per_example["tuned"] else None
+    ppl_ci = corrected(metrics.bootstrap_perplexity_ci(per_example["base"], per_example["tuned"], level=level("perplexity")),
+                       "perplexity") if per_example["base"] and per_example["tuned"] else None
     result = {
         "suite": suite,
         "per_prompt": per_prompt,
@@ -61,7 +72,8 @@ def evaluate(cfg: Config, run_dir: Path) -> dict:
             "examples": finetune["heldout_base"].get("examples"),
             "delta_ci": ppl_ci,
         },
-        # Each headline change in words, from its 95% paired-bootstrap interval over held-out examples.
+        # Each headline change in words, from its paired-bootstrap interval over held-out examples
+        # (95%; with several variants, corrected for how many were compared).
         "significance": {
             "rouge_l": metrics.significance(heldout["rouge_l_delta_ci"], higher_is_better=True),
             "perplexity": metrics.significance(ppl_ci, higher_is_better=False),
@@ -102,10 +114,10 @@ def gate(cfg: Config, m: dict) -> dict:
     ]
     if cfg.gate_require_significant:
         # The margins allow "no worse than"; this asks for evidence of better.
-        for check, ci, better in ((checks[0], m["heldout"]["rouge_l_delta_ci"], lambda c: c["low"] > 0),
-                                  (checks[2], m["perplexity"]["delta_ci"], lambda c: c["high"] < 0)):
-            significant = bool(ci) and better(ci)
-            check["rule"] += " and significantly better (95% interval of the change)"
+        for check, ci, better in ((checks[0], m["heldout"]["rouge_l_delta_ci"], 1), (checks[2], m["perplexity"]["delta_ci"], -1)):
+            significant = metrics.direction(ci) == better
+            check["rule"] += " and significantly better (95% interval of the change" + (
+                ", Holm-corrected for the variants compared)" if ci and "adjusted_p" in ci else ")")
             check["passed"] = check["passed"] and significant
             if not significant:
                 check["note"] = "not significantly better: gate_require_significant asks for the interval to exclude zero"
@@ -191,6 +203,17 @@ def evaluate_sweep(cfg: Config, states: list[dict]) -> dict:
         raise storage.StageInputError(
             "no variant finished: " + "; ".join(f"{s['name'] or 'default'}: {s['error']}" for s in states)
         )
+    if len(done) > 1:
+        # The best of several variants tested on the same held-out split looks better than it is:
+        # each variant's intervals and verdicts are corrected for how many were compared (Holm).
+        corrections: list[dict] = [{"compared": len(done)} for _ in done]
+        for metric, ci_of in (("rouge_l", lambda ev: ev["heldout"]["rouge_l_delta_ci"]),
+                              ("perplexity", lambda ev: ev["perplexity"]["delta_ci"])):
+            ps = [(ci_of(s["ev"]) or {}).get("p", 1.0) for s in done]
+            for c, adjusted, lvl in zip(corrections, metrics.holm(ps), metrics.holm_levels(ps)):
+                c[metric] = {"adjusted_p": adjusted, "level": lvl}
+        for s, c in zip(done, corrections):
+            s["ev"] = evaluate(variant_config(cfg, s), Path(s["dir"]), c)
     passing = [s for s in done if s["ev"]["gate"]["passed"]]
     shown = max(passing or done, key=lambda s: rank_key(s["ev"]))
     return {"states": states, "shown": shown, "promotable": shown["name"] if passing else None}

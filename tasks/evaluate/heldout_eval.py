@@ -42,7 +42,8 @@ def sums_fn(lm, xla: bool = False):
     return sums
 
 
-def score_heldout(lm, rows: list[dict], sequence_length: int, batch_size: int = 8, sums=None, xla: bool = False) -> dict:
+def score_heldout(lm, rows: list[dict], sequence_length: int, batch_size: int = 8, sums=None, xla: bool = False,
+                  tokenizer=None) -> dict:
     """Scores of `lm` on held-out rows with keys `prompt` and `text`; `per_example` holds each row's
     token counts and loss sums in the rows' order. `sums` (from `sums_fn(lm, xla)`) reuses a traced
     function: LoRA enabled before its first call, base and tuned scores share one trace. Under XLA
@@ -55,7 +56,8 @@ def score_heldout(lm, rows: list[dict], sequence_length: int, batch_size: int = 
     # length 256 a 2 GB array, so bound the batch by the logits' size.
     per_row = sequence_length * lm.backbone.vocabulary_size
     batch_size = max(1, min(batch_size, int(1.5e8 // per_row)))
-    enc = encode(lm.preprocessor.tokenizer, rows, sequence_length)
+    # `tokenizer`: while fit() runs, the model's string preprocessor is detached (tasks.training.loop.fit).
+    enc = encode(tokenizer or lm.preprocessor.tokenizer, rows, sequence_length)
     lengths = enc["padding_mask"].sum(axis=1)
     order = sorted(range(len(rows)), key=lambda i: (int(lengths[i]), i))
     sums = sums or sums_fn(lm, xla)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from statistics import fmean, pstdev
+from statistics import NormalDist, fmean, pstdev
 
 from tasks.text import prompt_template
 
@@ -81,15 +81,47 @@ def rouge_l_many(predictions: list[str], references: list[str]) -> list[float]:
     return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
 
 
-# Two-sided 5% test at 80% power: z(0.975) + z(0.80).
-MDE_Z = 1.959964 + 0.841621
+ALPHA = 0.05
+POWER = 0.80
 
 
-def minimum_detectable_effect(stats: list[float]) -> float:
-    """The smallest true change a two-sided test at 5% would find with 80% power, from the bootstrap
-    distribution of the paired statistic: (z(0.975) + z(0.8)) times its standard deviation, the
-    bootstrap's standard error of the change."""
-    return MDE_Z * pstdev(stats)
+def minimum_detectable_effect(stats: list[float], level: float = 1 - ALPHA) -> float:
+    """The smallest true change a two-sided test at 1 - `level` would find with 80% power, from the
+    bootstrap distribution of the paired statistic: (z((1 + level) / 2) + z(0.8)) times its standard
+    deviation, the bootstrap's standard error of the change (2.80 x at 95%)."""
+    z = NormalDist().inv_cdf
+    return (z((1 + level) / 2) + z(POWER)) * pstdev(stats)
+
+
+def bootstrap_p(stats: list[float]) -> float:
+    """Two-sided p-value of "no change" from the bootstrap distribution of the change: twice the
+    smaller share of resamples on either side of zero (the smallest level whose percentile interval
+    still reaches zero)."""
+    n = len(stats)
+    return min(1.0, 2 * min(sum(s <= 0 for s in stats), sum(s >= 0 for s in stats)) / n)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest p times (m - i + 1),
+    never below an earlier one's, at most 1. Controls the chance of any false "significant" among m."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def holm_levels(p_values: list[float]) -> list[float]:
+    """The interval level Holm's procedure tests each p-value at: 1 - alpha / (m - rank) for the
+    rank-th smallest (0-based), in the order given."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    levels = [0.0] * m
+    for rank, i in enumerate(order):
+        levels[i] = 1 - ALPHA / (m - rank)
+    return levels
 
 
 def bootstrap_delta_ci(base: list[float], tuned: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
@@ -103,7 +135,7 @@ def bootstrap_delta_ci(base: list[float], tuned: list[float], resamples: int = 2
     stats = [fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(resamples)]
     low, high = percentile_interval(stats, level)
     return {"mean": round(fmean(diffs), 5), "low": round(low, 5), "high": round(high, 5), "n": n, "level": level,
-            "mde_80": round(minimum_detectable_effect(stats), 5)}
+            "mde_80": round(minimum_detectable_effect(stats, level), 5), "p": round(bootstrap_p(stats), 5)}
 
 
 def percentile_interval(stats: list[float], level: float) -> tuple[float, float]:
@@ -142,23 +174,40 @@ def bootstrap_perplexity_ci(base: list[dict], tuned: list[dict], resamples: int 
     low, high = percentile_interval(deltas, level)
     pb, pt = ppl(sum(lb), sum(tok)), ppl(sum(lt), sum(tok))
     return {"base": round(pb, 4), "tuned": round(pt, 4), "mean": round(pt - pb, 4), "low": round(low, 4),
-            "high": round(high, 4), "n": n, "level": level, "mde_80": round(minimum_detectable_effect(deltas), 4)}
+            "high": round(high, 4), "n": n, "level": level, "mde_80": round(minimum_detectable_effect(deltas, level), 4),
+            "p": round(bootstrap_p(deltas), 5)}
+
+
+def corrected(ci: dict | None, adjusted_p: float, compared: int) -> dict | None:
+    """An interval of one of `compared` variants with its Holm-adjusted p-value attached."""
+    return {**ci, "adjusted_p": round(adjusted_p, 5), "compared": compared, "correction": "holm"} if ci else None
+
+
+def direction(ci: dict | None) -> int:
+    """+1 or -1 for a significant increase or decrease, 0 for none: the interval excludes zero, and
+    for a Holm-corrected interval (one of several variants) the adjusted p-value is below 5% too."""
+    if not ci or ("adjusted_p" in ci and ci["adjusted_p"] >= ALPHA):
+        return 0
+    return 1 if ci["low"] > 0 else -1 if ci["high"] < 0 else 0
 
 
 def significance(ci: dict | None, higher_is_better: bool) -> str:
     """A change in words from its confidence interval: better or worse only when the interval
-    excludes zero. "No significant change" says what the test could have found (its minimum
-    detectable effect at 80% power): an underpowered test and evidence of no effect read apart."""
+    excludes zero (and, for one of several variants compared, Holm's adjusted p-value is below 5%).
+    "No significant change" says what the test could have found (its minimum detectable effect at
+    80% power): an underpowered test and evidence of no effect read apart."""
     if not ci:
         return "not measured"
-    pct = f"{ci['level']:.0%}"
-    if ci["low"] > 0:
-        return f"better, significant at {pct}" if higher_is_better else f"worse, significant at {pct}"
-    if ci["high"] < 0:
-        return f"worse, significant at {pct}" if higher_is_better else f"better, significant at {pct}"
+    pct = f"{ci['level']:.0%}" if "adjusted_p" not in ci else "95%"
+    after = (f" after Holm's correction for {ci['compared']} variants compared (adjusted p = {ci['adjusted_p']:g})"
+             if "adjusted_p" in ci else "")
+    d = direction(ci)
+    if d:
+        return f"{'better' if (d > 0) == higher_is_better else 'worse'}, significant at {pct}{after}"
     if "mde_80" in ci:
-        return f"no significant change; this test could only detect changes above {ci['mde_80']:g} (80% power, n = {ci['n']})"
-    return "no significant change"
+        return (f"no significant change{after}; this test could only detect changes above {ci['mde_80']:g} "
+                f"(80% power, n = {ci['n']})")
+    return f"no significant change{after}"
 
 
 def aggregate(per_answer: list[dict], answers: list[dict]) -> dict:

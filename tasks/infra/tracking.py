@@ -206,14 +206,22 @@ def log_finetune(run_dir: str, fingerprint: str, params: dict) -> dict:
         device = result["device"]
         for k, v in {"gemma.base_preset": params["model_preset"], "gemma.train_mode": t["train_mode"],
                      "gemma.device": str(device.get("name") or device.get("kind") or device) if isinstance(device, dict) else str(device),
-                     "gemma.dtype_policy": t["dtype_policy"], "gemma.xla": str(t["jit_compile"])}.items():
+                     "gemma.dtype_policy": t["dtype_policy"], "gemma.xla": str(t["jit_compile"]),
+                     **({"gemma.lora_targets": result["lora"]["targets"], "gemma.lora_layers": ",".join(result["lora"]["layers"])}
+                        if "lora" in result else {}),
+                     **({"gemma.kept_step": str(result["validation"]["kept_step"]),
+                         "gemma.best_validation_step": str(result["validation"]["best_step"])}
+                        if result.get("validation") else {})}.items():
             client.set_tag(rid, k, v[:5000])
         now = int(time.time() * 1000)
         _metrics(client, rid, {
             "loss": [(h["step"], h["loss"]) for h in history],
             "accuracy": [(h["step"], h["accuracy_running"]) for h in history],
             "real_tokens_per_s": [(h["step"], h["real_tokens_per_s"]) for h in history if "real_tokens_per_s" in h],
+            # Scored before the first step too (step 0: the base model).
+            "validation_loss": [(s["step"], s["loss"]) for s in (result.get("validation") or {}).get("scores", [])],
         }, now)
+        _metrics(client, rid, {"trainable_weights": [(0, result["trainable_parameters"])]}, now)
         for name in ("heldout_base", "heldout_tuned"):
             _metrics(client, rid, {f"{name}.{k}": [(0, v)] for k, v in result[name].items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)}, now)

@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"  # snapshot and preprocess
 RECORDS = "records.jsonl"  # snapshot: the validated records, one canonical JSON object a line
 TRAIN = "train.jsonl"  # preprocess
 HELDOUT = "heldout.jsonl"  # preprocess, with reference responses
+VALIDATION = "validation.jsonl"  # preprocess, only with validation_examples > 0: scored while training
 PLAN = "plan.json"  # sweep
 ADAPTER = "adapter.lora.h5"  # finetune: the LoRA weights only
 HISTORY = "history.json"  # finetune: per step
@@ -116,6 +117,12 @@ def read_train(run_dir: Path) -> list[dict]:
 
 def read_heldout(run_dir: Path) -> list[dict]:
     return storage.read_jsonl(path(run_dir, PREPROCESS, HELDOUT))
+
+
+def read_validation(run_dir: Path) -> list[dict]:
+    """The validation examples; none when the run drew none (validation_examples: 0)."""
+    file = path(run_dir, PREPROCESS, VALIDATION)
+    return storage.read_jsonl(file) if file.is_file() else []
 
 
 def read_preprocess_manifest(run_dir: Path) -> dict:

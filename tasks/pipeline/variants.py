@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.pipeline import artifacts, storage
 from tasks.pipeline.artifacts import PREPROCESS, SNAPSHOT, SWEEP
-from tasks.pipeline.config import Config, ConfigError, coerce_variants
+from tasks.pipeline.config import Config, ConfigError, check_validation, coerce_variants
 
 VARIANTS_DIR = "variants"
 # The base model's answers, shared by a sweep's variants (see tasks.generate).
@@ -67,7 +67,9 @@ def parse_spec(text: str) -> dict:
 
 def variant_config(cfg: Config, spec: dict) -> Config:
     """The run's config with one variant's overrides (and no sweep of its own)."""
-    return dataclasses.replace(cfg, **spec["overrides"], variants=())
+    vcfg = dataclasses.replace(cfg, **spec["overrides"], variants=())
+    check_validation(vcfg)
+    return vcfg
 
 
 def variant_path(run_dir: Path, name: str) -> Path:

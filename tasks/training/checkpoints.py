@@ -1,8 +1,9 @@
 """Fine-tune checkpoints: what a retried `finetune` needs to go on where a killed one stopped.
 
 A checkpoint holds the adapter (LoRA weights and any token rows), the optimizer's state (Adam moments
-and its step counter), the global step, the data order and the loss history so far, and the sha256
-of its files. Each one is published atomically (storage.publishing), then `latest.json` is replaced:
+and its step counter), the global step, the data order and the loss history so far, with validation
+its scores so far and the best step's weights (so `keep: best` survives a kill after the best step),
+and the sha256 of its files. Each one is published atomically (storage.publishing), then `latest.json` is replaced:
 a kill at any point leaves the previous checkpoint usable. A checkpoint damaged afterwards (a
 truncated or edited file) is detected and skipped for the one before it, or the run starts over. Checkpoints belong to one set of inputs (the stage's fingerprint); others are
 ignored, so changing a Param never resumes an unrelated run.
@@ -25,6 +26,7 @@ KEEP = 2
 # the optimizer's variables and state.json.
 LATEST = "latest.json"
 OPTIMIZER = "optimizer.npz"
+BEST = "best.npz"  # with validation: the best step's trainable weights so far (keep: best)
 STATE = "state.json"
 
 
@@ -81,7 +83,7 @@ class Checkpoints:
             return None, f"a file cannot be read ({type(exc).__name__}: {exc})"
         return state, None
 
-    def save(self, step, lm, optimizer, history, base_scores, orders, train) -> None:
+    def save(self, step, lm, optimizer, history, base_scores, orders, train, validation=None) -> None:
         import numpy as np
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,8 @@ class Checkpoints:
         with storage.publishing(final) as tmp:
             adapter.save(lm, tmp / ADAPTER)
             np.savez(tmp / OPTIMIZER, *[np.asarray(v.numpy()) for v in optimizer.variables])
+            if validation is not None and validation.best_weights is not None:
+                np.savez(tmp / BEST, *validation.best_weights)
             files = storage.file_hashes(tmp)
             storage.write_json(
                 tmp / STATE,
@@ -100,6 +104,7 @@ class Checkpoints:
                     "base_scores": base_scores,
                     "data_order": [[train[i]["id"] for i in order] for order in orders],
                     "optimizer_variables": [v.path for v in optimizer.variables],
+                    "validation": validation.state() if validation is not None and validation.on else None,
                     # What resuming checks before trusting the files.
                     "files": files,
                 },
@@ -109,11 +114,21 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
         log.info("finetune: checkpoint at step %d written to %s", step, final)
 
+    def best_weights(self, state: dict) -> list | None:
+        """The best validation step's weights a checkpoint holds (None without validation)."""
+        import numpy as np
+
+        file = Path(state["dir"]) / BEST
+        if not file.is_file():
+            return None
+        with np.load(file) as saved:
+            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
     def restore(self, state: dict, lm, optimizer) -> None:
         import numpy as np
 
         directory = Path(state["dir"])
-        adapter.load(lm, directory / ADAPTER, lm.backbone._lora_rank)
+        adapter.load(lm, directory / ADAPTER, adapter.enabled_placement(lm))
         optimizer.build(lm.trainable_variables)
         saved = np.load(directory / OPTIMIZER)
         arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
