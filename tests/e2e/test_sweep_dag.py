@@ -89,10 +89,15 @@ def test_report_compares_the_variants_and_promotes_the_best_that_passes(sweep_ru
     best = max(passing or finished, key=lambda r: (r["rouge_l"], -r["perplexity"]))
     assert m["variant"] == best["name"] and m["promotable"] == (best["name"] if passing else None)
     assert m["heldout"]["rouge_l"]["tuned"] == best["rouge_l"]  # the detailed sections are the chosen variant's
+    # Picked from two finished variants on one held-out split: its intervals are Holm-corrected for 2.
+    rci = m["heldout"]["rouge_l_delta_ci"]
+    assert rci["compared"] == 2 and rci["correction"] == "holm" and rci["level"] in (0.95, 0.975)
+    assert rci["adjusted_p"] >= rci["p"] and "after Holm's correction for 2 variants compared" in m["significance"]["rouge_l"]
 
     html = artifacts.report_path(run_dir).read_text()
     assert "Sweep: 3 variants, 2 finished, " in html and "failed in finetune" in html
     assert "learning_rate=0.003, lora_rank=4" in html and "StageInputError" in html
+    assert 'id="holm-correction"' in html and "corrected for 2 variants" in html
     section = html[html.index('id="sweep"'):html.index('id="verdict"')]
     # One metric row per variant plus the base model; one answer column per finished variant.
     assert section.count('<tr id="variant-') == 3

@@ -154,3 +154,42 @@ def test_the_gate_can_require_a_significant_improvement():
     assert gate(load_config("tiny_test", {"gate_require_significant": "true"}), m)["passed"]
     m["perplexity"]["delta_ci"] = None  # not measured: no evidence
     assert not gate(load_config("tiny_test", {"gate_require_significant": "true"}), m)["passed"]
+
+
+def test_holm_adjusts_each_p_value_by_its_rank_and_keeps_the_order():
+    # By hand: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to the 0.06 before it.
+    assert metrics.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert metrics.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert metrics.holm([0.02]) == [0.02]  # one variant: nothing to correct
+    assert metrics.holm_levels([0.01, 0.04, 0.03]) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+
+
+def test_the_bootstrap_p_value_agrees_with_the_interval():
+    rng = random.Random(3)
+    tuned = [0.05 + rng.gauss(0, 0.1) for _ in range(200)]
+    shifted = metrics.bootstrap_delta_ci([0.0] * 200, tuned)
+    assert shifted["low"] > 0 and shifted["p"] < 0.05
+    rng = random.Random(4)
+    noise = metrics.bootstrap_delta_ci([0.0] * 200, [rng.gauss(0, 0.1) for _ in range(200)])
+    assert noise["low"] < 0 < noise["high"] and noise["p"] > 0.05
+    wider = metrics.bootstrap_delta_ci([0.0] * 200, tuned, level=0.99)
+    assert wider["low"] < shifted["low"] and wider["mde_80"] > shifted["mde_80"]  # a stricter test detects less
+
+
+def test_corrected_verdicts_need_holms_adjusted_p_value():
+    ci = {"low": 0.004, "high": 0.05, "mean": 0.02, "n": 80, "level": 1 - 0.05 / 3, "mde_80": 0.03, "p": 0.02}
+    strict = metrics.corrected(ci, 0.06, 3)
+    assert metrics.direction(strict) == 0
+    assert metrics.significance(strict, higher_is_better=True) == (
+        "no significant change after Holm's correction for 3 variants compared (adjusted p = 0.06); "
+        "this test could only detect changes above 0.03 (80% power, n = 80)")
+    passed = metrics.corrected(ci, 0.02, 3)
+    assert metrics.significance(passed, higher_is_better=True) == (
+        "better, significant at 95% after Holm's correction for 3 variants compared (adjusted p = 0.02)")
+    m = _m((0.20, 0.25), (0.1, 0.8), (10.0, 9.0))
+    m["perplexity"]["delta_ci"] = {"low": -1.9, "high": -0.2, "mean": -1.0, "n": 32, "level": 0.95}
+    m["heldout"]["rouge_l_delta_ci"] = strict
+    require = load_config("tiny_test", {"gate_require_significant": "true"})
+    assert not gate(require, m)["checks"][0]["passed"] and "Holm" in gate(require, m)["checks"][0]["rule"]
+    m["heldout"]["rouge_l_delta_ci"] = passed
+    assert gate(require, m)["passed"]

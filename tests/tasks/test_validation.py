@@ -185,3 +185,24 @@ def test_a_kill_after_the_best_step_keeps_it(tmp_path, caplog):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
     shutil.rmtree(tmp_path / "clean", ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_the_validation_curve_and_placement_reach_mlflow(overfit, tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.infra import tracking
+
+    monkeypatch.delenv("GEMMA_MLFLOW_TRACKING_URI", raising=False)
+    run = copy_run(overfit, tmp_path / "runs" / "run")
+    cfg = load_config("tiny_test", {**OVERFIT, **OPEN_GATE})
+    tracking.log_finetune(str(run), "fp-ft", cfg.to_dict())
+    client = mlflow.MlflowClient(tracking.tracking_uri(run))
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    [r] = client.search_runs([exp.experiment_id])
+    v = artifacts.read_finetune_result(run)["validation"]
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "validation_loss"))
+    assert curve == pytest.approx([(s["step"], s["loss"]) for s in v["scores"]])
+    assert r.data.tags["gemma.kept_step"] == str(v["kept_step"]) and r.data.tags["gemma.lora_targets"] == "attention_qv"
+    assert r.data.params["lora_targets"] == "attention_qv" and r.data.params["keep"] == "best"
+    assert r.data.metrics["trainable_weights"] == artifacts.read_finetune_result(run)["trainable_parameters"]
