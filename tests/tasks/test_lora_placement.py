@@ -53,15 +53,21 @@ def test_targets_resolve_to_every_blocks_layers_with_alpha(preset, targets):
 
 
 def test_alpha_scales_the_change_and_the_default_is_the_rank():
+    import keras
+
     from tasks.pipeline.config import load_config
 
     assert adapter.placement(load_config("tiny_test")) == Placement("attention_qv", 4, 4.0)  # the seed's scale 1
-    assert adapter.placement(load_config("gemma_2b_lora")) == Placement("attention_qv", 4, 4.0)
+    seed = load_config("gemma_2b_lora")  # the seed's recipe, unchanged
+    assert adapter.placement(seed) == Placement("attention_qv", 4, 4.0)
+    assert (seed.learning_rate, seed.epochs, seed.batch_size, seed.sequence_length) == (5e-5, 1, 1, 256)
+    assert (seed.validation_examples, seed.early_stopping_patience, seed.keep) == (0, 0, "last")
     base = load_causal_lm("tiny:gemma", "", 16)
     ref = logits(base, "Name a fruit.")
     deltas = []
     for alpha in (4.0, 8.0):
         lm = load_causal_lm("tiny:gemma", "", 16)
+        keras.utils.set_random_seed(0)  # the same A matrices for both
         adapter.enable(lm, Placement("all_linear", 4, alpha))
         # Tiny B, so the change is near-linear in the scale.
         for layer in adapter.lora_layers(lm.backbone):
