@@ -42,14 +42,22 @@ MAX_RUN_TOKENS_DEFAULT = "100000000"
 
 def planned_tokens(cfg: Config, suite_prompts: int) -> dict[str, int]:
     """Token positions a run plans: training (per variant: epochs x examples x sequence length),
-    held-out scoring (base and tuned, per variant) and generation (the base once, each variant's
+    held-out scoring (base and tuned, per variant), validation scoring (before the first step, every
+    eval_every_steps and after the last, per variant) and generation (the base once, each variant's
     tuned model once, on the suite and the held-out prompts, up to max_length each)."""
     variants = [variant_config(cfg, spec) for spec in plan_variants(cfg)]
     training = sum(v.epochs * v.num_examples * v.sequence_length for v in variants)
     scoring = sum(2 * v.eval_examples * v.sequence_length for v in variants)
+    validation = sum(v.validation_examples * v.sequence_length * (validation_scores(v) + 1) for v in variants)
     generation = (suite_prompts + cfg.heldout_generate_examples) * cfg.max_length * (1 + len(variants))
-    return {"training": training, "scoring": scoring, "generation": generation,
-            "total": training + scoring + generation}
+    return {"training": training, "scoring": scoring, "validation": validation, "generation": generation,
+            "total": training + scoring + validation + generation}
+
+
+def validation_scores(cfg: Config) -> int:
+    """Validation scores after the first step: one every eval_every_steps, and the last step's."""
+    steps = cfg.epochs * -(-cfg.num_examples // cfg.batch_size)
+    return -(-steps // cfg.eval_every_steps) if cfg.validation_examples else 0
 
 
 def check_budget(cfg: Config, suite_prompts: int) -> dict[str, int]:
@@ -61,7 +69,7 @@ def check_budget(cfg: Config, suite_prompts: int) -> dict[str, int]:
     if tokens["total"] > budget:
         raise ConfigError(
             f"this run plans {tokens['total']:,} tokens (training {tokens['training']:,}, held-out scoring "
-            f"{tokens['scoring']:,}, generation {tokens['generation']:,}), more than [gemma] max_run_tokens "
+            f"{tokens['scoring']:,}, validation {tokens['validation']:,}, generation {tokens['generation']:,}), more than [gemma] max_run_tokens "
             f"({budget:,}): lower epochs, num_examples, sequence_length or the number of variants, or ask for a "
             "higher max_run_tokens")
     return {**tokens, "max_run_tokens": budget}

@@ -16,7 +16,10 @@ SUITE_PROMPTS = 26
 def test_the_shipped_configs_plan_what_their_recipe_says_and_fit_the_default():
     seed = preflight.planned_tokens(load_config("gemma_2b_lora"), SUITE_PROMPTS)
     # 1 epoch x 1000 examples x 256 tokens; 100 held-out scored twice; 126 prompts x 256 tokens, base and tuned.
-    assert seed == {"training": 256_000, "scoring": 51_200, "generation": 64_512, "total": 371_712}
+    assert seed == {"training": 256_000, "scoring": 51_200, "validation": 0, "generation": 64_512, "total": 371_712}
+    # Validation: 32 examples x 128 tokens, scored before the first step and after steps 16, 32, 48, 64.
+    demo = preflight.planned_tokens(load_config("cpu_demo", {"validation_examples": "32", "eval_every_steps": "16"}), SUITE_PROMPTS)
+    assert demo["validation"] == 32 * 128 * 5
     for name in ("gemma_2b_lora", "cpu_demo", "tiny_test"):
         assert preflight.check_budget(load_config(name), SUITE_PROMPTS)["total"] <= int(preflight.MAX_RUN_TOKENS_DEFAULT)
 
