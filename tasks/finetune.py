@@ -174,8 +174,10 @@ def keep(s: Session, t: Trained) -> None:
                  v.stopped_at, len(s.plan), v.patience)
     if s.cfg.keep == "best":
         v.keep_best(s.lm)
-        log.info("finetune: keeping the adapter of step %d (validation loss %.4f), not the last step's (%d, %.4f)",
-                 v.best["step"], v.best["loss"], v.scores[-1]["step"], v.scores[-1]["loss"])
+        last = v.scores[-1]
+        log.info("finetune: keeping the adapter of step %d (validation loss %.4f)%s", v.best["step"], v.best["loss"],
+                 ": the last step's is the best" if last["step"] == v.best["step"]
+                 else f", not the last step's ({last['step']}, {last['loss']:.4f})")
 
 
 def score_tuned(s: Session) -> dict:
