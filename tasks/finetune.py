@@ -56,6 +56,7 @@ class Session:
     resume: dict | None
     scorer: Any
     validation: Validation
+    widths: set  # the batch widths the scorer compiled (XLA), shared by held-out and validation scoring
 
 
 @dataclasses.dataclass
@@ -99,15 +100,19 @@ def setup(cfg: Config, run_dir: Path, engine: dict, fp: str) -> Session:
                                                                  cfg.trainable_tokens))
     scorer = sums_fn(lm, engine["jit_compile"])
     tokenizer = lm.preprocessor.tokenizer
+    # Under XLA every batch width is one compilation of the whole model: validation reuses the
+    # held-out scoring's widths.
+    widths: set = set()
     validation = Validation(
         len(validation_rows), cfg.eval_every_steps, cfg.early_stopping_patience, cfg.loss_tokens,
         lambda: score_heldout(lm, validation_rows, cfg.sequence_length, sums=scorer, xla=engine["jit_compile"],
-                              tokenizer=tokenizer))
-    return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume, scorer, validation)
+                              tokenizer=tokenizer, compiled_widths=widths))
+    return Session(cfg, engine, train, heldout, lm, load_s, enc, plan, checkpoints, resume, scorer, validation, widths)
 
 
 def score(s: Session) -> dict:
-    return score_heldout(s.lm, s.heldout, s.cfg.sequence_length, sums=s.scorer, xla=s.engine["jit_compile"])
+    return score_heldout(s.lm, s.heldout, s.cfg.sequence_length, sums=s.scorer, xla=s.engine["jit_compile"],
+                         compiled_widths=s.widths)
 
 
 def score_base(s: Session) -> dict:

@@ -43,11 +43,13 @@ def sums_fn(lm, xla: bool = False):
 
 
 def score_heldout(lm, rows: list[dict], sequence_length: int, batch_size: int = 8, sums=None, xla: bool = False,
-                  tokenizer=None) -> dict:
+                  tokenizer=None, compiled_widths: set | None = None) -> dict:
     """Scores of `lm` on held-out rows with keys `prompt` and `text`; `per_example` holds each row's
     token counts and loss sums in the rows' order. `sums` (from `sums_fn(lm, xla)`) reuses a traced
     function: LoRA enabled before its first call, base and tuned scores share one trace. Under XLA
-    the batches take at most `XLA_WIDTHS` widths and short batches are filled with empty rows."""
+    the batches take at most `XLA_WIDTHS` widths and short batches are filled with empty rows;
+    `compiled_widths` (a set the caller keeps across calls on one `sums`) makes later calls reuse the
+    widths the first one compiled (a validation set scored during training compiles nothing new)."""
     import numpy as np
 
     if not rows:
@@ -65,6 +67,11 @@ def score_heldout(lm, rows: list[dict], sequence_length: int, batch_size: int = 
     chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     need = [int(lengths[idx].max()) for idx in chunks]
     widths = choose_widths(need, sequence_length, WIDTH_MULTIPLE, XLA_WIDTHS if xla else 0)
+    if xla and compiled_widths is not None:
+        if compiled_widths:
+            # Each batch takes the narrowest compiled width that holds it (the full length if none does).
+            widths = sorted(compiled_widths | {sequence_length}) if max(need) > max(compiled_widths) else sorted(compiled_widths)
+        compiled_widths.update(widths)
     loss_sum, correct, resp_loss_sum = np.zeros(n), np.zeros(n), np.zeros(n)
     for idx, longest in zip(chunks, need):
         width = min(w for w in widths if w >= min(longest, sequence_length))

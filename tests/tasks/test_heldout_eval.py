@@ -47,6 +47,28 @@ def test_bucketed_scores_equal_full_width_scores(preset, xla):
     assert "per_example" not in summary(scores) and summary(scores)["loss"] == scores["loss"]
 
 
+def test_later_scores_reuse_the_widths_the_first_compiled():
+    """finetune scores the held-out examples and, while training, the validation examples with one
+    XLA scorer: the later calls take the widths the first one compiled (no new compilation of the
+    model) and score exactly as on their own."""
+    from tasks.evaluate.heldout_eval import sums_fn
+
+    lm = load_causal_lm("tiny:gemma3", "", 64)
+    pairs = [("Say " + "hello " * k, "ok " * (k % 5 + 1)) for k in range(11)]
+    rows = [{"prompt": instruction_prompt(i, "tutorial"), "text": example(i, r, "tutorial")} for i, r in pairs]
+    other = [{"prompt": instruction_prompt(f"Name {k} fruits", "tutorial"), "text": example(f"Name {k} fruits", "apple " * k, "tutorial")}
+             for k in range(1, 8)]
+    sums, widths = sums_fn(lm, True), set()
+    score_heldout(lm, rows, 64, batch_size=4, sums=sums, xla=True, compiled_widths=widths)
+    first = set(widths)
+    assert 1 <= len(first) <= 2
+    shared = score_heldout(lm, other, 64, batch_size=4, sums=sums, xla=True, compiled_widths=widths)
+    assert widths == first  # nothing new compiled
+    alone = score_heldout(lm, other, 64, batch_size=4, xla=True)
+    assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert shared["response_loss"] == pytest.approx(alone["response_loss"], rel=1e-5)
+
+
 def test_lora_enabled_at_zero_scores_exactly_as_the_base():
     """finetune enables LoRA (and the chat template's token rows) before scoring the base model
     (one traced scorer for both): the B matrices and rows start at zero, so the base scores are the
