@@ -52,7 +52,7 @@ def test_finetune_lowers_heldout_loss(trained_run, learnable_data):
 
 
 def test_the_stage_is_its_named_steps_in_order(trained_run, tmp_path):
-    """setup -> score_base -> train -> score_tuned -> save, called one by one, give the stage's own
+    """setup -> score_base -> train -> keep -> score_tuned -> save, called one by one, give the stage's own
     result: the same adapter, history and scores as `finetune.run` on the same inputs."""
     settings = {"num_examples": "16", "eval_examples": "4"}
     cfg = load_config("tiny_test", settings)
@@ -67,6 +67,7 @@ def test_the_stage_is_its_named_steps_in_order(trained_run, tmp_path):
         base = finetune.score_base(s)
         trained = finetune.train(s, base)
         assert [h["step"] for h in trained.history] == list(range(1, len(s.plan) + 1)) and trained.start == 0
+        finetune.keep(s, trained)  # keep: last, no validation: nothing to do
         tuned = finetune.score_tuned(s)
         summary = finetune.save(s, trained, base, tuned, out)
     assert summary == {"steps": by_run["steps"], "heldout_loss_base": by_run["heldout_base"]["loss"],
