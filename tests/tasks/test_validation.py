@@ -4,12 +4,9 @@ which generate and export then use, also after a kill and a resume."""
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from tasks.pipeline import artifacts
 from tasks.pipeline.config import ConfigError, load_config
 from tests.conftest import copy_run, read_json
 from tests.tasks import two_cpus
+from tests.tasks.test_faults import kill_after_checkpoint
 
 DATA = Path(__file__).parent / "data"
 
@@ -161,16 +159,7 @@ def test_a_kill_after_the_best_step_keeps_it(tmp_path, caplog):
     run_dir = prepared(tmp_path / "killed" / "runs" / "run")
     proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", *two_cpus.finetune_argv(run_dir, KILL)],
                             cwd=two_cpus.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = artifacts.checkpoint_dir(run_dir) / "latest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= kill_at:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the fine-tune finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = kill_after_checkpoint(proc, run_dir, step=kill_at)
     assert best["best_step"] < killed_at < total
 
     caplog.clear()
