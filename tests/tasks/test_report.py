@@ -67,6 +67,11 @@ def test_verdict_comes_first_and_metrics_are_stored(tiny_run):
     assert html.index('id="verdict"') < html.index('id="metrics"') < html.index('id="prompts"')
     assert ("PASSED" if m["gate"]["passed"] else "FAILED") in html[html.index('id="verdict"'):html.index('id="metrics"')]
     assert m["heldout"]["n"] == 8 and len(m["per_prompt"]) == len(load_suite("v1")["prompts"])
+    # The verdict gives each test's power: the smallest change it would detect, significant or not.
+    verdict = html[html.index('id="verdict"'):html.index('id="use"')]
+    assert "detectable change (80% power)" in verdict
+    assert f'<td class="num mde">{m["heldout"]["rouge_l_delta_ci"]["mde_80"]:.4f}</td>' in verdict
+    assert f'<td class="num mde">{m["perplexity"]["delta_ci"]["mde_80"]:.3f}</td>' in verdict
 
 
 def test_untrusted_text_is_escaped(tiny_run, tmp_path):
