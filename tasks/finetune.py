@@ -125,8 +125,8 @@ def train(s: Session, base_scores: dict) -> Trained:
     cfg, lm, plan = s.cfg, s.lm, s.plan
     base_params = int(lm.backbone.count_params())
     trainer, optimizer, compiled = loop.prepare(lm, cfg, s.engine)
-    trainable = int(sum(w.numpy().size for w in lm.backbone.trainable_weights))
     counts = adapter.trainable_counts(lm)
+    trainable = counts["total"]
     total = len(plan)
     orders = plan_orders(plan, len(s.train))
     fed = loop.rows_fed(plan, cfg, s.engine)

@@ -17,7 +17,7 @@ from tasks.pipeline import artifacts
 from tasks.pipeline.config import ConfigError, load_config
 from tests.conftest import copy_run, read_json
 from tests.tasks import two_cpus
-from tests.tasks.test_faults import kill_after_checkpoint
+from tests.tasks.test_faults import kill_after_checkpoint, lora_weights
 
 DATA = Path(__file__).parent / "data"
 
@@ -135,15 +135,6 @@ def prepared(run_dir: Path) -> Path:
     return run_dir
 
 
-def adapter_arrays(path) -> dict:
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, np.array(obj)) if hasattr(obj, "shape") else None)
-    return out
-
-
 @pytest.mark.e2e
 def test_a_kill_after_the_best_step_keeps_it(tmp_path, caplog):
     """SIGKILLed after a checkpoint later than the best step (which a retry never reaches again: the
@@ -169,7 +160,7 @@ def test_a_kill_after_the_best_step_keeps_it(tmp_path, caplog):
     resumed = artifacts.read_finetune_result(run_dir)["validation"]
     assert resumed["kept_step"] == resumed["best_step"] == best["best_step"]
     assert resumed["best_loss"] == best["best_loss"]
-    a, b = adapter_arrays(artifacts.adapter_path(run_dir)), adapter_arrays(artifacts.adapter_path(clean))
+    a, b = lora_weights(artifacts.adapter_path(run_dir)), lora_weights(artifacts.adapter_path(clean))
     assert a.keys() == b.keys() and a
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
